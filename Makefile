@@ -1,0 +1,54 @@
+# The two commands of the README: `make demo` and `make test`.  Each sets up everything it needs
+# on a fresh machine with nothing but Python 3 (a venv with pinned versions), then runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum requirements-dev.txt | cut -d' ' -f1)
+# never let a caller's PYTHONPATH put the source tree in front of the installed package
+RUN    := env -u PYTHONPATH
+
+.PHONY: setup wheel install demo test bench cmake-check clean
+
+$(STAMP): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip==25.3
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)
+
+# the wheel, built against the venv's torch (never with build isolation: see ../shared/TOOLCHAIN.md)
+wheel: setup
+	rm -rf dist build spectral_ext.egg-info
+	$(RUN) $(PY) -m build --wheel --no-isolation
+
+install: wheel
+	$(RUN) $(PY) -m pip install -q --no-deps --force-reinstall dist/*.whl
+
+# the main job: a small CNN on scikit-learn's digits, with and without the regularizer.
+# -P: the installed package, not the source tree in the current directory.
+demo: install
+	$(RUN) $(PY) -P -m spectral_ext.experiments.digits
+
+# the whole suite against the installed wheel (`pytest`, not `python -m pytest`, keeps the
+# source tree off sys.path; tests/test_installed.py checks it)
+test: install
+	$(RUN) $(VENV)/bin/pytest tests -p no:cacheprovider -q -rs
+
+# the benchmark table (benchmarks/RESULTS.md says what was measured); the repo root goes at the
+# END of sys.path, so the installed spectral_ext is imported and benchmarks/ is found.
+bench: install
+	$(RUN) $(PY) -P -c "import runpy, sys; sys.path.append('.'); runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)" $(ARGS)
+
+# CMakeLists.txt builds the same sources (checked in CI so it does not rot)
+cmake-check: setup
+	rm -rf build-cmake
+	$(RUN) cmake -S . -B build-cmake -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	$(RUN) cmake --build build-cmake
+	$(RUN) $(PY) -P -c "import sys, glob; sys.path.insert(0, 'build-cmake'); import importlib.util as u; \
+	  import torch; spec = u.spec_from_file_location('spectral_ext._C', glob.glob('build-cmake/_C*.so')[0]); \
+	  m = u.module_from_spec(spec); spec.loader.exec_module(m); print('cmake build loads; openmp =', m.openmp())"
+
+clean:
+	rm -rf build build-cmake dist *.egg-info spectral_ext/_C*.so

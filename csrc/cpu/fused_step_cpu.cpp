@@ -1,0 +1,338 @@
+// CPU kernels of spectral_ext: the fused step and the spectral norms for all layers in one call.
+//
+// One pass over W per power iteration.  For each row r of W (rows x cols, row-major):
+//     u_raw[r]  = W[r,:] . v                (the row is now in L1)
+//     vp_raw   += u_raw[r] * W[r,:]          (the same row, still in L1)
+// so vp_raw = W^T (W v) is ready when the pass ends, and
+//     u = u_raw / ||u_raw||,  v' = W^T u = vp_raw / ||u_raw||,  sigma = ||v'||,  v = v' / sigma.
+// The gradient update then needs no W at all:  lam * sigma * u v^T = lam * u v'^T.
+// Memory traffic for n_iter = 1 is therefore 4 bytes (W) + 8 bytes (G read and written) per
+// float32 parameter, below the 16-byte floor of the two-pass formulation.
+//
+// Parallelism (at::parallel_for, i.e. OpenMP): layers are split into "small" ones, each handled
+// whole by one thread (bins balanced by cost, largest first), and "large" ones (more than
+// 1/(2T) of the total work), whose rows are split over the T threads with per-thread partial
+// sums of vp_raw reduced in a fixed order.  Results are deterministic for a given thread count.
+//
+// Accumulation is in at::opmath_type<scalar_t>: float for float/bfloat16/half, double for double.
+
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../spectral_ext.h"
+
+namespace spectral_ext {
+namespace {
+
+// One layer, prepared for the kernel.
+struct Layer {
+  int64_t index = 0;      // position in the caller's lists
+  int64_t rows = 0, cols = 0;
+  at::Tensor W;           // rows x cols with column stride 1 (a view of the weight, or a copy)
+  at::Tensor G;           // rows x cols view of the gradient, or a copy written back to G_out
+  at::Tensor G_out;       // defined when the gradient cannot be viewed as a 2-D matrix
+  int64_t ws_offset = 0;  // into the dtype group's workspace: v [cols], vp [cols], u [rows]
+  double sigma = 0.0;
+};
+
+template <typename scalar_t>
+struct Kernel {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kConvert = !std::is_same<scalar_t, acc_t>::value;
+
+  // Row r of W as acc_t: W itself when no conversion is needed, else converted into buf.
+  static const acc_t* row(const scalar_t* W, int64_t ld, int64_t r, int64_t cols, acc_t* buf) {
+    const scalar_t* src = W + r * ld;
+    if constexpr (!kConvert) {
+      (void)cols;
+      (void)buf;
+      return src;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) buf[c] = static_cast<acc_t>(src[c]);
+      return buf;
+    }
+  }
+
+  // u[r] = W[r,:] . v and vp += u[r] W[r,:] for r in [r0, r1), reading each row once.
+  // buf holds 4 * cols acc_t when kConvert.
+  static void fused_rows(const scalar_t* W, int64_t ld, int64_t cols, const acc_t* v, acc_t* u,
+                         acc_t* vp, int64_t r0, int64_t r1, acc_t* buf) {
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {  // four rows at a time: one load of v and vp serves four rows
+      const acc_t* w0 = row(W, ld, r, cols, buf);
+      const acc_t* w1 = row(W, ld, r + 1, cols, buf + cols);
+      const acc_t* w2 = row(W, ld, r + 2, cols, buf + 2 * cols);
+      const acc_t* w3 = row(W, ld, r + 3, cols, buf + 3 * cols);
+      acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+      for (int64_t c = 0; c < cols; ++c) {
+        d0 += w0[c] * v[c];
+        d1 += w1[c] * v[c];
+        d2 += w2[c] * v[c];
+        d3 += w3[c] * v[c];
+      }
+      u[r] = d0;
+      u[r + 1] = d1;
+      u[r + 2] = d2;
+      u[r + 3] = d3;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        vp[c] += d0 * w0[c] + d1 * w1[c] + d2 * w2[c] + d3 * w3[c];
+      }
+    }
+    for (; r < r1; ++r) {
+      const acc_t* w0 = row(W, ld, r, cols, buf);
+      acc_t d0 = 0;
+#pragma omp simd reduction(+ : d0)
+      for (int64_t c = 0; c < cols; ++c) d0 += w0[c] * v[c];
+      u[r] = d0;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) vp[c] += d0 * w0[c];
+    }
+  }
+
+  // From u = u_raw and vp = W^T u_raw: normalizes u, makes vp = W^T u, and returns sigma = ||vp||.
+  // v becomes vp / sigma unless sigma is 0 (zero matrix) or not finite (NaN/Inf weights), in
+  // which case v is kept.  Norms are summed in double (O(rows + cols) work).
+  static double finalize(acc_t* u, int64_t rows, acc_t* vp, acc_t* v, int64_t cols) {
+    double s = 0;
+    for (int64_t r = 0; r < rows; ++r) s += static_cast<double>(u[r]) * u[r];
+    const acc_t nrm = static_cast<acc_t>(std::sqrt(s));
+    // `nrm == 0`, not `nrm > 0`: a NaN norm must propagate (as in reference.py)
+    const acc_t inv = nrm == acc_t(0) ? acc_t(0) : acc_t(1) / nrm;
+    for (int64_t r = 0; r < rows; ++r) u[r] *= inv;
+    double s2 = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      vp[c] *= inv;
+      s2 += static_cast<double>(vp[c]) * vp[c];
+    }
+    const double sigma = std::sqrt(s2);
+    if (sigma > 0 && std::isfinite(sigma)) {
+      const acc_t sg = static_cast<acc_t>(sigma);
+      for (int64_t c = 0; c < cols; ++c) v[c] = vp[c] / sg;
+    }
+    return sigma;
+  }
+
+  // G[r,:] += lam * u[r] * vp  (= lam * sigma * u v^T) for r in [r0, r1), one rounding per element.
+  static void grad_rows(scalar_t* G, int64_t ldg, int64_t scg, int64_t cols, const acc_t* u,
+                        const acc_t* vp, acc_t lam, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const acc_t a = lam * u[r];
+      scalar_t* g = G + r * ldg;
+      if (scg == 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          g[c] = static_cast<scalar_t>(static_cast<acc_t>(g[c]) + a * vp[c]);
+        }
+      } else {
+        for (int64_t c = 0; c < cols; ++c) {
+          g[c * scg] = static_cast<scalar_t>(static_cast<acc_t>(g[c * scg]) + a * vp[c]);
+        }
+      }
+    }
+  }
+
+  // A small layer, entirely on the calling thread.
+  static void run_whole(Layer& L, acc_t* ws, int64_t n_iter, bool update, acc_t lam,
+                        acc_t* buf) {
+    const scalar_t* W = L.W.data_ptr<scalar_t>();
+    const int64_t ld = L.W.stride(0), rows = L.rows, cols = L.cols;
+    acc_t* v = ws + L.ws_offset;
+    acc_t* vp = v + cols;
+    acc_t* u = vp + cols;
+    for (int64_t it = 0; it < n_iter; ++it) {
+      std::fill(vp, vp + cols, acc_t(0));
+      fused_rows(W, ld, cols, v, u, vp, 0, rows, buf);
+      L.sigma = finalize(u, rows, vp, v, cols);
+    }
+    if (update) {
+      grad_rows(L.G.data_ptr<scalar_t>(), L.G.stride(0), L.G.stride(1), cols, u, vp, lam, 0,
+                rows);
+    }
+  }
+
+  // A large layer: rows split over T threads, partial vp sums reduced in a fixed order.
+  static void run_split(Layer& L, acc_t* ws, int64_t n_iter, bool update, acc_t lam, int T) {
+    const scalar_t* W = L.W.data_ptr<scalar_t>();
+    const int64_t ld = L.W.stride(0), rows = L.rows, cols = L.cols;
+    acc_t* v = ws + L.ws_offset;
+    acc_t* vp = v + cols;
+    acc_t* u = vp + cols;
+    std::vector<acc_t> part(static_cast<size_t>(T) * cols);
+    std::vector<acc_t> bufs(kConvert ? static_cast<size_t>(T) * 4 * cols : 0);
+    for (int64_t it = 0; it < n_iter; ++it) {
+      at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+        for (int64_t t = b; t < e; ++t) {
+          acc_t* p = part.data() + t * cols;
+          std::fill(p, p + cols, acc_t(0));
+          fused_rows(W, ld, cols, v, u, p, rows * t / T, rows * (t + 1) / T,
+                     kConvert ? bufs.data() + t * 4 * cols : nullptr);
+        }
+      });
+      for (int64_t c = 0; c < cols; ++c) {
+        acc_t s = 0;
+        for (int t = 0; t < T; ++t) s += part[t * cols + c];
+        vp[c] = s;
+      }
+      L.sigma = finalize(u, rows, vp, v, cols);
+    }
+    if (update) {
+      scalar_t* G = L.G.data_ptr<scalar_t>();
+      const int64_t ldg = L.G.stride(0), scg = L.G.stride(1);
+      const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+        grad_rows(G, ldg, scg, cols, u, vp, lam, r0, r1);
+      });
+    }
+  }
+
+  // All layers of one weight dtype; ws is the group's workspace with each v already loaded.
+  static void run_group(std::vector<Layer*>& layers, acc_t* ws, int64_t n_iter, bool update,
+                        double lam) {
+    const int T = std::max(1, at::get_num_threads());
+    const acc_t lam_acc = static_cast<acc_t>(lam);
+    double total = 0;
+    for (Layer* L : layers) total += static_cast<double>(L->rows) * L->cols;
+    std::vector<Layer*> large, small;
+    for (Layer* L : layers) {
+      const double cost = static_cast<double>(L->rows) * L->cols;
+      (T > 1 && cost > total / (2.0 * T) ? large : small).push_back(L);
+    }
+    // small layers: longest-processing-time-first into T bins
+    std::sort(small.begin(), small.end(), [](const Layer* a, const Layer* b) {
+      return a->rows * a->cols > b->rows * b->cols;
+    });
+    std::vector<std::vector<Layer*>> bins(T);
+    std::vector<double> load(T, 0.0);
+    int64_t max_cols = 0;
+    for (Layer* L : small) {
+      const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+      bins[t].push_back(L);
+      load[t] += static_cast<double>(L->rows) * L->cols;
+      max_cols = std::max(max_cols, L->cols);
+    }
+    if (!small.empty()) {
+      at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> buf(kConvert ? 4 * max_cols : 0);
+        for (int64_t t = b; t < e; ++t) {
+          for (Layer* L : bins[t]) run_whole(*L, ws, n_iter, update, lam_acc, buf.data());
+        }
+      });
+    }
+    for (Layer* L : large) run_split(*L, ws, n_iter, update, lam_acc, T);
+  }
+};
+
+// Matricizes weights (and gradients), groups layers by dtype, runs every group, writes v back.
+// Returns sigma [L]; fills us / vs_new when `outputs` is set (spectral_norms).
+at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* grads,
+               double lam, int64_t n_iter,
+               std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>* outputs) {
+  check_inputs(weights, vs, grads, n_iter);
+  const int64_t L = static_cast<int64_t>(weights.size());
+  std::vector<Layer> layers(L);
+  std::map<at::ScalarType, std::vector<Layer*>> groups;
+  for (int64_t i = 0; i < L; ++i) {
+    Layer& l = layers[i];
+    l.index = i;
+    l.rows = weights[i].size(0);
+    l.cols = matrix_cols(weights[i]);
+    l.W = weights[i].reshape({l.rows, l.cols});
+    if (l.cols > 1 && l.W.stride(1) != 1) l.W = l.W.contiguous();
+    if (grads != nullptr) {
+      const at::Tensor& g = (*grads)[i];
+      l.G = g.reshape({l.rows, l.cols});
+      if (!l.G.is_alias_of(g)) l.G_out = g;  // reshape had to copy: write the result back
+    }
+    groups[weights[i].scalar_type()].push_back(&l);
+  }
+
+  for (auto& kv : groups) {
+    const at::ScalarType acc = acc_type(kv.first);
+    int64_t size = 0;
+    for (Layer* l : kv.second) {
+      l->ws_offset = size;
+      size += 2 * l->cols + l->rows;
+    }
+    at::Tensor ws = at::empty({size}, weights[0].options().dtype(acc));
+    for (Layer* l : kv.second) ws.narrow(0, l->ws_offset, l->cols).copy_(vs[l->index]);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv.first, "spectral_ext_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      Kernel<scalar_t>::run_group(kv.second, ws.data_ptr<acc_t>(), n_iter, grads != nullptr, lam);
+    });
+    for (Layer* l : kv.second) {
+      at::Tensor v_new = ws.narrow(0, l->ws_offset, l->cols);
+      if (outputs != nullptr) {
+        outputs->first[l->index] = ws.narrow(0, l->ws_offset + 2 * l->cols, l->rows).clone();
+        outputs->second[l->index] = v_new.to(vs[l->index].scalar_type(), false, true);
+      } else {
+        vs[l->index].copy_(v_new);
+      }
+      if (l->G_out.defined()) l->G_out.copy_(l->G.view(l->G_out.sizes()));
+    }
+  }
+
+  at::Tensor sigma = at::empty({L}, weights[0].options().dtype(sigma_type(weights)));
+  AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "spectral_ext_sigma", [&] {
+    scalar_t* s = sigma.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < L; ++i) s[i] = static_cast<scalar_t>(layers[i].sigma);
+  });
+  return sigma;
+}
+
+// spectral_ext::fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam,
+//                          int n_iter) -> Tensor
+at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList vs, at::TensorList grads,
+                          double lam, int64_t n_iter) {
+  return run(weights, vs, &grads, lam, n_iter, nullptr);
+}
+
+// spectral_ext::spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter)
+//     -> (Tensor sigma, Tensor[] us, Tensor[] vs_new)
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectral_norms_cpu(
+    at::TensorList weights, at::TensorList vs, int64_t n_iter) {
+  std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> out;
+  out.first.resize(weights.size());
+  out.second.resize(weights.size());
+  at::Tensor sigma = run(weights, vs, nullptr, 0.0, n_iter, &out);
+  return {sigma, std::move(out.first), std::move(out.second)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spectral_ext, CPU, m) {
+  m.impl("fused_step", &fused_step_cpu);
+  m.impl("spectral_norms", &spectral_norms_cpu);
+}
+
+}  // namespace spectral_ext
+
+// The schemas are defined in Python (spectral_ext/_ops.py); importing this module registers the
+// CPU kernels.  `openmp()` tells whether this translation unit was compiled with OpenMP: without
+// -fopenmp, at::parallel_for (a header template) silently runs on one thread.
+static PyObject* openmp(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+static PyMethodDef methods[] = {
+    {"openmp", openmp, METH_NOARGS, "whether the CPU kernels were compiled with OpenMP"},
+    {nullptr, nullptr, 0, nullptr}};
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,22 @@
+"""spectral_ext: fused spectral norm regularization for PyTorch.
+
+Spectral norm regularization (Yoshida & Miyato 2017, arXiv:1705.10941) penalizes
+lam/2 * sum_l sigma(W_l)^2; each step runs one power iteration per layer, reusing the previous
+vector, and adds lam * sigma * u v^T to each weight's gradient.  ``fused_step`` does this for all
+layers in one call.
+"""
+
+from . import _ops  # noqa: F401  (defines the torch.library ops and loads the kernels)
+from . import reference
+from .functional import (BACKENDS, Backend, available_backends, fused_step, resolve_backend,
+                         spectral_norms, spectral_norms_with_vectors)
+from .reference import init_vectors
+from .regularizer import DEFAULT_MODULE_TYPES, SpectralNormRegularizer, collect_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_step", "spectral_norms", "spectral_norms_with_vectors", "available_backends",
+    "resolve_backend", "Backend", "BACKENDS", "init_vectors", "reference",
+    "SpectralNormRegularizer", "DEFAULT_MODULE_TYPES", "collect_weights",
+]

@@ -1,0 +1,159 @@
+"""Input checks shared by every backend (written once; the C++ side has its own copy in
+``csrc/spectral_ext.h`` for callers that reach ``torch.ops.spectral_ext`` directly).
+
+Every check here reads metadata only (shapes, dtypes, devices, identities): none of them
+synchronises with the device, so they are safe on the training-step path and under
+``torch.compile``.  They all run *before* anything is mutated, so a rejected call leaves every
+tensor exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+#: weight dtypes every backend accepts
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+#: dtypes a persistent vector v may have
+VECTOR_DTYPES = (torch.float32, torch.float64)
+
+
+def acc_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for a weight dtype: float64 for float64 weights, else float32."""
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+def sigma_dtype(weights: Sequence[torch.Tensor]) -> torch.dtype:
+    """dtype of the returned sigma vector: float64 if any weight is float64, else float32."""
+    return torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
+
+
+def matrix_shape(w: torch.Tensor) -> tuple:
+    """(rows, cols) of the matricized weight: ``w.reshape(w.shape[0], -1)``."""
+    rows = w.shape[0]
+    return rows, (w.numel() // rows if rows else 0)
+
+
+def _as_list(name: str, xs) -> List[torch.Tensor]:
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
+    for i, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(x).__name__}")
+    return list(xs)
+
+
+def check_lam(lam) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        raise TypeError(f"lam must be a Python float, got {type(lam).__name__}")
+    lam = float(lam)
+    if not math.isfinite(lam):
+        raise ValueError(f"lam must be finite, got {lam}")
+    return lam
+
+
+def check_n_iter(n_iter) -> int:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int):
+        raise TypeError(f"n_iter must be an int, got {type(n_iter).__name__}")
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    return n_iter
+
+
+def check_weights_and_vectors(weights, vs):
+    """Checks weights and vectors; returns them as lists."""
+    weights = _as_list("weights", weights)
+    vs = _as_list("vs", vs)
+    if len(weights) != len(vs):
+        raise ValueError(f"got {len(weights)} weights but {len(vs)} vectors (vs): one v per weight")
+    device = weights[0].device if weights else None
+    seen_v, seen_w = {}, {}
+    for i, (w, v) in enumerate(zip(weights, vs)):
+        if id(w) in seen_w:
+            raise ValueError(f"weights[{i}] is the same tensor as weights[{seen_w[id(w)]}]; pass "
+                             "each weight once (tied weights must be de-duplicated)")
+        seen_w[id(w)] = i
+        if w.dtype not in WEIGHT_DTYPES:
+            raise TypeError(
+                f"weights[{i}] has dtype {w.dtype}; supported weight dtypes are "
+                "float32, float64, bfloat16 and float16")
+        if w.dim() < 2:
+            raise ValueError(
+                f"weights[{i}] is {w.dim()}-D with shape {tuple(w.shape)}; the spectral norm "
+                "needs a matrix (a weight with at least 2 dimensions, matricized along dim 0)")
+        if w.numel() == 0:
+            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} with no elements")
+        if w.device != device:
+            raise ValueError(
+                f"weights[{i}] is on {w.device} but weights[0] is on {device}: "
+                "all tensors of one call must be on the same device")
+        if v.dtype not in VECTOR_DTYPES:
+            raise TypeError(f"vs[{i}] has dtype {v.dtype}; v must be float32 or float64")
+        rows, cols = matrix_shape(w)
+        if v.dim() != 1 or v.shape[0] != cols:
+            raise ValueError(
+                f"vs[{i}] has shape {tuple(v.shape)} but weights[{i}] of shape {tuple(w.shape)} "
+                f"matricizes to {rows} x {cols}, so v must have shape ({cols},)")
+        if v.device != device:
+            raise ValueError(
+                f"vs[{i}] is on {v.device} but weights[0] is on {device}: "
+                "all tensors of one call must be on the same device")
+        if id(v) in seen_v:
+            raise ValueError(f"vs[{i}] is the same tensor as vs[{seen_v[id(v)]}]: each layer "
+                             "needs its own vector")
+        seen_v[id(v)] = i
+    return weights, vs
+
+
+def _check_grad(i: int, w: torch.Tensor, g: torch.Tensor) -> None:
+    if g.shape != w.shape:
+        raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but weights[{i}] has "
+                         f"shape {tuple(w.shape)}")
+    if g.dtype != w.dtype:
+        raise TypeError(f"grads[{i}] has dtype {g.dtype} but weights[{i}] has dtype {w.dtype}")
+    if g.device != w.device:
+        raise ValueError(f"grads[{i}] is on {g.device} but weights[{i}] is on {w.device}")
+
+
+def check_grads(weights, grads) -> List[torch.Tensor]:
+    grads = _as_list("grads", grads)
+    if len(grads) != len(weights):
+        raise ValueError(f"got {len(weights)} weights but {len(grads)} grads")
+    seen = {}
+    for i, (w, g) in enumerate(zip(weights, grads)):
+        _check_grad(i, w, g)
+        if id(g) in seen:
+            raise ValueError(f"grads[{i}] is the same tensor as grads[{seen[id(g)]}]; pass each "
+                             "weight once (tied weights must be de-duplicated)")
+        seen[id(g)] = i
+    return grads
+
+
+def check_fused_step_args(weights, vs, grads, lam, n_iter):
+    """All checks of a fused step. ``grads`` may be None (taken from ``.grad`` later)."""
+    weights, vs = check_weights_and_vectors(weights, vs)
+    if grads is not None:
+        grads = check_grads(weights, grads)
+    return weights, vs, grads, check_lam(lam), check_n_iter(n_iter)
+
+
+def resolve_grads(weights: List[torch.Tensor],
+                  grads: Optional[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+    """The gradient tensors to add into: ``grads`` if given, else each weight's ``.grad``, which
+    is created (zeros) where it is None.  Call only after every check has passed."""
+    if grads is not None:
+        return list(grads)
+    for i, w in enumerate(weights):
+        if not w.is_leaf:
+            raise ValueError(f"weights[{i}] is not a leaf tensor, so it has no .grad to add into; "
+                             "pass grads=... explicitly")
+    # check the .grad tensors that exist before creating any, so a failure mutates nothing
+    for i, w in enumerate(weights):
+        if w.grad is not None:
+            _check_grad(i, w, w.grad)
+    for w in weights:
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+    return [w.grad for w in weights]

@@ -1,0 +1,105 @@
+"""Every op schema, fake implementation and autograd registration of spectral_ext, in one place.
+
+Ops (namespace ``spectral_ext``):
+
+``fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, int n_iter) -> Tensor``
+    For every layer: n_iter power iterations from v (v updated in place), then
+    ``grads[l] += lam * sigma_l * u_l v_l^T`` in place.  Returns sigma [L].  Not differentiable.
+
+``spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter) -> (Tensor, Tensor[], Tensor[])``
+    Functional: ``(sigma [L], us, vs_new)``; mutates nothing.  Differentiable in the weights with
+    dsigma_l/dW_l = u_l v_l^T (u, v held constant, as in the paper).
+
+Kernels: the C++ extension ``spectral_ext._C`` registers CPU kernels when it loads; the pure-PyTorch
+reference is registered as the default kernel, so the ops run on any device.  Outputs: sigma is
+float32, or float64 if any weight is float64; us are in each layer's accumulation dtype (float64
+for float64 weights, else float32); vs_new in the dtype of each v.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference
+
+_LIB = torch.library.Library("spectral_ext", "DEF")
+_LIB.define("fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, "
+            "int n_iter) -> Tensor")
+_LIB.define("spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter) "
+            "-> (Tensor, Tensor[], Tensor[])")
+
+fused_step = torch.ops.spectral_ext.fused_step
+spectral_norms = torch.ops.spectral_ext.spectral_norms
+
+
+# ---- default kernels: the reference, for every device without a kernel of its own -------------
+
+def _fused_step_default(weights, vs, grads, lam, n_iter):
+    weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam, n_iter)
+    return reference._fused_step_unchecked(weights, vs, grads, lam, n_iter)
+
+
+def _spectral_norms_default(weights, vs, n_iter):
+    weights, vs = _checks.check_weights_and_vectors(weights, vs)
+    return reference.spectral_norms_values(weights, vs, _checks.check_n_iter(n_iter))
+
+
+_LIB.impl("fused_step", _fused_step_default, "CompositeExplicitAutograd")
+_LIB.impl("spectral_norms", _spectral_norms_default, "CompositeExplicitAutograd")
+
+
+# ---- fake (meta) implementations, for torch.compile and FakeTensor ------------------------------
+
+def _sigma_like(weights):
+    return weights[0].new_empty((len(weights),), dtype=_checks.sigma_dtype(weights))
+
+
+@torch.library.register_fake("spectral_ext::fused_step")
+def _fused_step_fake(weights, vs, grads, lam, n_iter):
+    _checks.check_fused_step_args(weights, vs, grads, lam, n_iter)
+    return _sigma_like(weights)
+
+
+@torch.library.register_fake("spectral_ext::spectral_norms")
+def _spectral_norms_fake(weights, vs, n_iter):
+    _checks.check_weights_and_vectors(weights, vs)
+    us = [w.new_empty((w.shape[0],), dtype=_checks.acc_dtype(w.dtype)) for w in weights]
+    vs_new = [v.new_empty(v.shape) for v in vs]
+    return _sigma_like(weights), us, vs_new
+
+
+# ---- autograd of spectral_norms: dsigma_l / dW_l = u_l v_l^T ------------------------------------
+
+def _spectral_norms_setup_context(ctx, inputs, output):
+    weights, _, _ = inputs
+    _, us, vs_new = output
+    ctx.save_for_backward(*us, *vs_new)
+    ctx.meta = [(w.shape, w.dtype) for w in weights]
+
+
+def _spectral_norms_backward(ctx, grad_sigma, grad_us, grad_vs):
+    # u and v are treated as constants (the paper's gradient); grad_us / grad_vs are ignored.
+    n = len(ctx.meta)
+    saved = ctx.saved_tensors
+    us, vs = saved[:n], saved[n:]
+    grads = []
+    for i, ((shape, dtype), u, v) in enumerate(zip(ctx.meta, us, vs)):
+        g = grad_sigma[i].to(u.dtype) * torch.outer(u, v.to(u.dtype))
+        grads.append(g.reshape(shape).to(dtype))
+    return grads, [None] * n, None
+
+
+torch.library.register_autograd("spectral_ext::spectral_norms", _spectral_norms_backward,
+                                setup_context=_spectral_norms_setup_context)
+
+
+# ---- the C++ extension --------------------------------------------------------------------------
+
+#: None when the C++ CPU kernels are registered, else why not.
+CPU_EXTENSION_ERROR = None
+CPU_OPENMP = False
+try:
+    from . import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL(spectral_ext, CPU, m))
+    CPU_OPENMP = bool(_C.openmp())
+except ImportError as exc:  # a source checkout that was never built, or a torch ABI mismatch
+    CPU_EXTENSION_ERROR = f"the C++ extension spectral_ext._C did not load: {exc}"

@@ -1,0 +1,113 @@
+"""The functional API: ``fused_step``, ``spectral_norms`` and backend selection.
+
+Data flows one way: this module -> op (``torch.ops.spectral_ext``, see ``_ops.py``) -> kernel.
+The backend is chosen explicitly; ``resolve_backend`` tells which one "auto" picks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _checks, _ops, reference
+
+__all__ = ["fused_step", "spectral_norms", "available_backends", "resolve_backend", "Backend",
+           "BACKENDS"]
+
+#: every backend name ``fused_step`` accepts besides "auto"
+BACKENDS = ("reference", "cpu")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    available: bool
+    detail: str  # what it is, or why it cannot run here
+
+
+def available_backends() -> Dict[str, Backend]:
+    """Each backend, whether it can run in this process, and why not."""
+    out = {"reference": Backend("reference", True, "pure PyTorch, any device (spectral_ext.reference)")}
+    if _ops.CPU_EXTENSION_ERROR is None:
+        threads = torch.get_num_threads()
+        omp = (f"OpenMP, {threads} threads" if _ops.CPU_OPENMP
+               else "built WITHOUT OpenMP: single-threaded")
+        out["cpu"] = Backend("cpu", True, f"C++ kernel for CPU tensors ({omp})")
+    else:
+        out["cpu"] = Backend("cpu", False, _ops.CPU_EXTENSION_ERROR)
+    return out
+
+
+def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> str:
+    """The concrete backend that ``backend`` means for these weights; raises if it cannot run."""
+    if backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of "
+                         f"{', '.join(repr(b) for b in ('auto',) + BACKENDS)}")
+    device = weights[0].device if len(weights) else torch.device("cpu")
+    if backend == "auto":
+        if device.type == "cpu" and _ops.CPU_EXTENSION_ERROR is None:
+            return "cpu"
+        return "reference"
+    if backend == "cpu":
+        if _ops.CPU_EXTENSION_ERROR is not None:
+            raise RuntimeError(f"backend 'cpu' is unavailable: {_ops.CPU_EXTENSION_ERROR}")
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, but the weights are on {device}")
+    return backend
+
+
+def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
+               lam: float = 0.01, n_iter: int = 1,
+               grads: Optional[Sequence[torch.Tensor]] = None,
+               backend: str = "auto") -> torch.Tensor:
+    """One spectral-norm regularization step for all layers at once.
+
+    For each weight W (matricized along dim 0) runs ``n_iter`` power iterations from its vector
+    v (updated in place) and adds the gradient of lam/2 * sigma^2, ``lam * sigma * u v^T``, into
+    its gradient: ``grads[l]`` if given, else ``W.grad`` (created if None).
+
+    Returns sigma per layer, a float32 tensor of shape [L] (float64 if any weight is float64) on
+    the weights' device.  No host synchronisation.  Bad input raises before anything is changed.
+    """
+    weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam, n_iter)
+    name = resolve_backend(weights, backend)
+    if not weights:
+        return torch.empty(0)
+    grads = _checks.resolve_grads(weights, grads)
+    if name == "reference":
+        return reference._fused_step_unchecked(weights, vs, grads, lam, n_iter)
+    with torch.no_grad():
+        return _ops.fused_step([w.detach() for w in weights], vs, grads, lam, n_iter)
+
+
+def spectral_norms(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], n_iter: int = 1,
+                   *, backend: str = "auto", update: bool = True) -> torch.Tensor:
+    """Differentiable sigma per layer ([L]), with dsigma_l/dW_l = u_l v_l^T.
+
+    Runs ``n_iter`` power iterations from each v; with ``update=True`` (default) the new v are
+    copied into ``vs`` so the next call warm-starts.  ``(lam / 2 * sigma**2).sum()`` added to a
+    loss gives exactly the gradient that :func:`fused_step` adds.
+    """
+    sigma, _, _ = spectral_norms_with_vectors(weights, vs, n_iter, backend=backend, update=update)
+    return sigma
+
+
+def spectral_norms_with_vectors(weights, vs, n_iter: int = 1, *, backend: str = "auto",
+                                update: bool = True
+                                ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Like :func:`spectral_norms`, also returning the final ``us`` and ``vs_new``."""
+    weights, vs = _checks.check_weights_and_vectors(weights, vs)
+    n_iter = _checks.check_n_iter(n_iter)
+    name = resolve_backend(weights, backend)
+    if not weights:
+        return torch.empty(0), [], []
+    if name == "reference":
+        sigma, us, vs_new = reference.spectral_norms(weights, vs, n_iter)
+    else:
+        sigma, us, vs_new = _ops.spectral_norms(weights, [v.detach() for v in vs], n_iter)
+    if update:
+        with torch.no_grad():
+            torch._foreach_copy_(vs, vs_new)
+    return sigma, us, vs_new

@@ -1,0 +1,52 @@
+"""Shared fixtures and comparison helpers.
+
+Inputs are fresh random numbers every run: the seed is drawn at start-up (or taken from
+SPECTRAL_EXT_TEST_SEED), printed in pytest's header, and mixed with each test's id, so a failure
+can be reproduced with the printed seed.  Tests never change global state without restoring it.
+"""
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+SEED = int(os.environ.get("SPECTRAL_EXT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"spectral_ext test seed: {SEED} (set SPECTRAL_EXT_TEST_SEED={SEED} to reproduce)"
+
+
+@pytest.fixture(autouse=True)
+def _seed_each_test(request):
+    torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref| (0 when both are 0), in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    err = (out - ref).abs().max().item() if ref.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def assert_rel_close(out, ref, tol, what=""):
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = max_rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+def assert_lowp_close(out, ref_same_precision, oracle, what=""):
+    """flash-attention's rule for low precision: the error of `out` against an upcast (float64)
+    oracle is at most twice the error of plain PyTorch at the same precision
+    (`ref_same_precision`), plus a float32-rounding floor."""
+    oracle = oracle.detach().double()
+    err = (out.detach().double() - oracle).abs().max().item()
+    ref_err = (ref_same_precision.detach().double() - oracle).abs().max().item()
+    floor = 8 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
+    assert err <= 2 * ref_err + floor, (
+        f"{what}: error {err:.3g} vs plain PyTorch's {ref_err:.3g} (floor {floor:.3g})")

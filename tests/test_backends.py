@@ -1,0 +1,212 @@
+"""Every native backend against spectral_ext.reference on fresh random inputs."""
+
+import pytest
+import torch
+
+import spectral_ext as se
+from spectral_ext import reference
+
+from conftest import assert_lowp_close, assert_rel_close
+
+# (backend, device) pairs; a backend that cannot run here is skipped with the reason it gives.
+BACKENDS = [("cpu", "cpu")]
+
+
+@pytest.fixture(params=BACKENDS, ids=[b for b, _ in BACKENDS])
+def backend(request):
+    name, device = request.param
+    info = se.available_backends()[name]
+    if not info.available:
+        pytest.skip(f"backend {name!r} unavailable here: {info.detail}")
+    return name, torch.device(device)
+
+
+# awkward shapes: row and column vectors, non-multiples of any block size, conv 3-D/4-D/5-D
+SHAPES = [(1, 300), (300, 1), (3, 1000), (37, 129), (16, 3, 3, 3), (8, 4, 3), (4, 2, 3, 3, 3),
+          (1, 1), (5, 4)]
+
+
+def _run_both(backend, weights, n_iter, lam=0.37, grads=None):
+    """Runs the backend and the reference from identical copies; returns both results."""
+    name, _ = backend
+    vs = se.init_vectors(weights, seed=11)
+    if grads is None:   # pre-filled with random values: the update must accumulate, not overwrite
+        grads = [torch.randn(w.shape, device=w.device).to(w.dtype) for w in weights]
+    results = []
+    for b in (name, "reference"):
+        v = [x.clone() for x in vs]
+        g = [x.clone() for x in grads]
+        s = se.fused_step(weights, v, lam=lam, n_iter=n_iter, grads=g, backend=b)
+        results.append((s, v, g))
+    return results
+
+
+def _assert_same(results, tol=2e-5):
+    (s, v, g), (s_ref, v_ref, g_ref) = results
+    assert s.dtype == s_ref.dtype and s.shape == s_ref.shape
+    assert_rel_close(s, s_ref, tol, "sigma")
+    for i, (a, b) in enumerate(zip(v, v_ref)):
+        assert a.dtype == b.dtype
+        assert_rel_close(a, b, tol, f"v[{i}]")
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert_rel_close(a, b, tol, f"grad[{i}]")
+
+
+@pytest.mark.parametrize("n_iter", [1, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_single_layer(backend, shape, n_iter):
+    _, dev = backend
+    _assert_same(_run_both(backend, [torch.randn(shape, device=dev)], n_iter))
+
+
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_many_layers_in_one_call(backend, n_iter):
+    _, dev = backend
+    weights = [torch.randn(s, device=dev) for s in SHAPES * 3]
+    weights.append(torch.randn(200, 300, device=dev))  # one large layer next to many small ones
+    _assert_same(_run_both(backend, weights, n_iter))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts(backend, threads):
+    """The split path (a layer's rows over T threads, T possibly > rows) and the per-layer bins."""
+    _, dev = backend
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        _assert_same(_run_both(backend, [torch.randn(2, 500, device=dev)], 2))
+        _assert_same(_run_both(backend, [torch.randn(s, device=dev) for s in SHAPES], 2))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_float64_is_exact_to_float64_rounding(backend):
+    _, dev = backend
+    weights = [torch.randn(s, dtype=torch.float64, device=dev) for s in SHAPES]
+    results = _run_both(backend, weights, 3)
+    assert results[0][0].dtype == torch.float64
+    _assert_same(results, tol=1e-12)
+
+
+def test_non_contiguous_weights_and_grads(backend):
+    _, dev = backend
+    base = torch.randn(129, 37, device=dev)
+    conv = torch.randn(16, 8, 3, 3, device=dev)
+    weights = [
+        base.t(),                                            # transposed 2-D
+        torch.randn(40, 90, device=dev)[:, ::3],             # strided columns
+        torch.randn(30, 20, device=dev)[::2],                # strided rows
+        conv.to(memory_format=torch.channels_last),          # channels-last conv weight
+        conv.transpose(0, 1),                                # not viewable as a 2-D matrix
+    ]
+    grads = [
+        torch.randn(37, 129, device=dev),
+        torch.randn(30, 80, device=dev).t()[::2],            # non-contiguous gradient
+        torch.randn(15, 20, device=dev),
+        torch.randn(16, 8, 3, 3, device=dev).to(memory_format=torch.channels_last),
+        torch.randn(16, 8, 3, 3, device=dev).transpose(0, 1),  # gradient not viewable either
+    ]
+    assert not any(w.is_contiguous() for w in weights)
+    _assert_same(_run_both(backend, weights, 2, grads=grads))
+    # the base tensors of the views really received the update
+    name, _ = backend
+    g = torch.zeros(16, 8, 3, 3, device=dev)
+    v = se.init_vectors([conv.transpose(0, 1)])
+    se.fused_step([conv.transpose(0, 1)], v, grads=[g.transpose(0, 1)], backend=name)
+    assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_iter", [1, 3])
+def test_low_precision_against_upcast_reference(backend, dtype, n_iter):
+    _, dev = backend
+    weights = [torch.randn(s, device=dev).to(dtype) for s in SHAPES]
+    grads = [torch.randn(w.shape, device=dev).to(dtype) for w in weights]
+    (s, v, g), (s_ref, v_ref, g_ref) = _run_both(backend, weights, n_iter, grads=grads)
+    # the oracle: the same step on float64 copies of the same low-precision inputs
+    vs64 = [x.double() for x in se.init_vectors(weights, seed=11)]
+    g64 = [x.double() for x in grads]
+    s64 = reference.fused_step([w.double() for w in weights], vs64, lam=0.37, n_iter=n_iter,
+                               grads=g64)
+    assert s.dtype == torch.float32 and all(x.dtype == dtype for x in g)
+    assert_lowp_close(s, s_ref, s64, "sigma")
+    for i in range(len(weights)):
+        assert_lowp_close(v[i], v_ref[i], vs64[i], f"v[{i}]")
+        assert_lowp_close(g[i], g_ref[i], g64[i], f"grad[{i}]")
+
+
+def test_mixed_dtypes_in_one_call(backend):
+    _, dev = backend
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32]
+    weights = [torch.randn(s, device=dev).to(dt) for s, dt in zip(SHAPES, dtypes)]
+    (s, v, g), (s_ref, v_ref, g_ref) = _run_both(backend, weights, 2)
+    assert s.dtype == torch.float64     # a float64 weight makes sigma float64
+    assert_rel_close(s, s_ref, 2e-5, "sigma")
+    for i, dt in enumerate(dtypes):
+        assert g[i].dtype == dt
+        tol = 2e-5 if dt in (torch.float32, torch.float64) else 1e-2
+        assert_rel_close(v[i], v_ref[i], 2e-5, f"v[{i}]")
+        assert_rel_close(g[i], g_ref[i], tol, f"grad[{i}]")
+
+
+def test_edge_cases_match_reference(backend):
+    _, dev = backend
+    zero = torch.zeros(6, 5, device=dev)
+    nan = torch.randn(4, 4, device=dev)
+    nan[1, 2] = float("nan")
+    inf = torch.randn(3, 7, device=dev)
+    inf[0, 0] = float("inf")
+    normal = torch.randn(5, 5, device=dev)
+    (s, v, g), (s_ref, v_ref, g_ref) = _run_both(backend, [zero, nan, inf, normal], 2)
+    v0 = se.init_vectors([zero, nan, inf, normal], seed=11)
+    assert s[0] == 0 and torch.equal(v[0], v0[0])           # zero matrix: sigma 0, v kept
+    assert torch.isfinite(g[0]).all()
+    for i in (1, 2):                                         # non-finite: propagates, v kept
+        assert not torch.isfinite(s[i]) and not torch.isfinite(s_ref[i])
+        assert not torch.isfinite(g[i]).all()
+        assert torch.equal(v[i], v0[i]) and torch.equal(v_ref[i], v0[i])
+    assert_rel_close(s[3:], s_ref[3:], 2e-5, "sigma of the finite layer")
+    assert_rel_close(g[3], g_ref[3], 2e-5, "grad of the finite layer")
+
+
+def test_spectral_norms_op_matches_reference(backend):
+    name, dev = backend
+    weights = [torch.randn(s, device=dev) for s in SHAPES] + [torch.randn(3, 4, device=dev).double()]
+    vs = se.init_vectors(weights)
+    s, us, vn = se.spectral_norms_with_vectors(weights, [v.clone() for v in vs], 3, backend=name,
+                                               update=False)
+    s_ref, us_ref, vn_ref = reference.spectral_norms(weights, vs, 3)
+    assert_rel_close(s, s_ref, 2e-5, "sigma")
+    for a, b in zip(us + vn, us_ref + vn_ref):
+        assert a.dtype == b.dtype
+        assert_rel_close(a, b, 2e-5, "u / v")
+
+
+def test_repeated_steps_track_reference(backend):
+    """Warm-started over many steps (the training use), the estimates stay together."""
+    name, dev = backend
+    weights = [torch.randn(s, device=dev) for s in SHAPES]
+    vs = se.init_vectors(weights)
+    v_ref = [v.clone() for v in vs]
+    for _ in range(20):
+        g = [torch.zeros_like(w) for w in weights]
+        s = se.fused_step(weights, vs, grads=g, backend=name)
+        s_ref = se.fused_step(weights, v_ref, grads=[torch.zeros_like(w) for w in weights],
+                              backend="reference")
+    assert_rel_close(s, s_ref, 1e-4, "sigma after 20 steps")
+    exact = torch.stack([torch.linalg.matrix_norm(w.reshape(w.shape[0], -1), 2) for w in weights])
+    assert_rel_close(s, exact, 0.05, "sigma after 20 steps vs SVD")
+
+
+def test_extreme_magnitudes(backend):
+    """Entries of 1e-19 square to denormals and sigma^2 ~ 1e36 is near the float32 limit: the
+    squared norms are summed in float64.  (The documented range limit of the fused kernels is
+    sigma^2 < 3.4e38 for float32 accumulation: they form W^T W v before normalizing.)"""
+    name, dev = backend
+    weights = [torch.randn(20, 30, device=dev) * 1e17, torch.randn(7, 3, device=dev) * 1e-19]
+    (s, v, g), (s_ref, v_ref, g_ref) = _run_both(backend, weights, 30, grads=[
+        torch.zeros_like(w) for w in weights])
+    exact = torch.stack([torch.linalg.matrix_norm(w.double(), 2) for w in weights])
+    assert_rel_close(s, exact.float(), 1e-4, "sigma")
+    _assert_same(((s, v, g), (s_ref, v_ref, g_ref)))

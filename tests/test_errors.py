@@ -1,0 +1,123 @@
+"""Bad input raises a clear error naming the problem and leaves every tensor unchanged."""
+
+import re
+
+import pytest
+import torch
+
+import spectral_ext as se
+
+BACKENDS = ["reference"] + [b for b in ("cpu",) if se.available_backends()[b].available]
+
+
+def _good():
+    ws = [torch.randn(4, 6), torch.randn(3, 2, 2, 2)]
+    return ws, se.init_vectors(ws), [torch.randn_like(w) for w in ws]
+
+
+def _cases():
+    """(id, mutate(ws, vs, grads) -> kwargs, exception type, message fragment)."""
+    return [
+        ("length_mismatch", lambda ws, vs, gs: dict(weights=ws, vs=vs[:1]), ValueError,
+         "2 weights but 1 vectors"),
+        ("grads_length", lambda ws, vs, gs: dict(grads=gs[:1]), ValueError, "2 weights but 1 grads"),
+        ("wrong_v_length", lambda ws, vs, gs: dict(vs=[vs[0], torch.ones(5)]), ValueError,
+         "v must have shape (8,)"),
+        ("v_2d", lambda ws, vs, gs: dict(vs=[vs[0].reshape(2, 3), vs[1]]), ValueError,
+         "vs[0] has shape (2, 3)"),
+        ("v_dtype", lambda ws, vs, gs: dict(vs=[vs[0].half(), vs[1]]), TypeError,
+         "v must be float32 or float64"),
+        ("integer_weight", lambda ws, vs, gs: dict(weights=[ws[0].long(), ws[1]]), TypeError,
+         "weights[0] has dtype torch.int64"),
+        ("one_d_weight", lambda ws, vs, gs: dict(weights=[torch.randn(6), ws[1]]), ValueError,
+         "weights[0] is 1-D"),
+        ("empty_weight", lambda ws, vs, gs: dict(weights=[torch.randn(0, 6), ws[1]]), ValueError,
+         "no elements"),
+        ("weights_on_two_devices", lambda ws, vs, gs: dict(weights=[ws[0], ws[1].to("meta")]),
+         ValueError, "weights[1] is on meta"),
+        ("v_on_other_device", lambda ws, vs, gs: dict(vs=[vs[0], vs[1].to("meta")]), ValueError,
+         "vs[1] is on meta"),
+        ("grad_shape", lambda ws, vs, gs: dict(grads=[gs[0].t(), gs[1]]), ValueError,
+         "grads[0] has shape (6, 4)"),
+        ("grad_dtype", lambda ws, vs, gs: dict(grads=[gs[0].double(), gs[1]]), TypeError,
+         "grads[0] has dtype torch.float64"),
+        ("shared_v", lambda ws, vs, gs: dict(weights=[ws[0], ws[0].clone()], vs=[vs[0], vs[0]],
+                                             grads=[gs[0], gs[0].clone()]),
+         ValueError, "vs[1] is the same tensor"),
+        ("repeated_weight", lambda ws, vs, gs: dict(weights=[ws[0], ws[0]],
+                                                    vs=[vs[0], vs[0].clone()],
+                                                    grads=[gs[0], gs[0].clone()]),
+         ValueError, "weights[1] is the same tensor"),
+        ("n_iter_zero", lambda ws, vs, gs: dict(n_iter=0), ValueError, "n_iter must be >= 1"),
+        ("n_iter_float", lambda ws, vs, gs: dict(n_iter=1.5), TypeError, "n_iter must be an int"),
+        ("lam_nan", lambda ws, vs, gs: dict(lam=float("nan")), ValueError, "lam must be finite"),
+        ("lam_tensor", lambda ws, vs, gs: dict(lam=torch.tensor(0.1)), TypeError, "lam must be"),
+        ("not_a_list", lambda ws, vs, gs: dict(weights=ws[0]), TypeError, "weights must be a list"),
+        ("unknown_backend", lambda ws, vs, gs: dict(backend="tpu"), ValueError,
+         "unknown backend 'tpu'"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
+def test_bad_input_raises_and_changes_nothing(case, backend):
+    _, mutate, exc, fragment = case
+    ws, vs, gs = _good()
+    kwargs = dict(weights=ws, vs=vs, grads=gs, lam=0.1, n_iter=1, backend=backend)
+    kwargs.update(mutate(ws, vs, gs))
+    snapshot = [t.clone() for t in ws + vs + gs]
+    with pytest.raises(exc, match=re.escape(fragment)):
+        se.fused_step(kwargs.pop("weights"), kwargs.pop("vs"), **kwargs)
+    for before, after in zip(snapshot, ws + vs + gs):
+        assert torch.equal(before, after)
+
+
+def test_existing_bad_grad_is_reported_before_any_grad_is_created():
+    ws = [torch.randn(3, 4, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+    ws[1].grad_dtype = None                                # torch allows it when asked to
+    ws[1].grad = torch.zeros(2, 2, dtype=torch.float64)   # wrong dtype for our kernels
+    vs = se.init_vectors(ws)
+    with pytest.raises(TypeError, match=r"grads\[1\] has dtype torch.float64"):
+        se.fused_step(ws, vs)
+    assert ws[0].grad is None
+
+
+def test_non_leaf_weight_without_grads_is_rejected():
+    w = torch.randn(3, 4, requires_grad=True) * 2
+    with pytest.raises(ValueError, match="not a leaf tensor"):
+        se.fused_step([w], se.init_vectors([w]))
+
+
+def test_backend_cpu_rejects_other_devices():
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ CPU backend is not built here")
+    w = torch.randn(3, 4, device="meta")
+    with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors, but the weights are on meta"):
+        se.fused_step([w], [torch.empty(4, device="meta")], grads=[torch.empty_like(w)],
+                      backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_lists_return_empty_sigma(backend):
+    assert se.fused_step([], [], backend=backend).shape == (0,)
+    assert se.spectral_norms([], [], backend=backend).shape == (0,)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not built here")
+def test_cpp_kernel_checks_direct_op_calls():
+    """torch.ops.spectral_ext.* called directly (no Python checks) still refuses bad input."""
+    ws, vs, gs = _good()
+    snapshot = [t.clone() for t in ws + vs + gs]
+    bad = [
+        ((ws, [vs[0], torch.ones(5)], gs, 0.1, 1), "v must have shape (8,)"),
+        ((ws, vs[:1], gs, 0.1, 1), "2 weights but 1 vectors"),
+        (([ws[0].long(), ws[1]], vs, gs, 0.1, 1), "supported weight dtypes"),
+        ((ws, vs, [gs[0].double(), gs[1]], 0.1, 1), "grads[0] has dtype"),
+        ((ws, vs, gs, 0.1, 0), "n_iter must be >= 1"),
+    ]
+    for args, fragment in bad:
+        with pytest.raises(RuntimeError, match=re.escape(fragment)):
+            torch.ops.spectral_ext.fused_step.default.redispatch(
+                torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args)
+    for before, after in zip(snapshot, ws + vs + gs):
+        assert torch.equal(before, after)
