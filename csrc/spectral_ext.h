@@ -1,6 +1,7 @@
 // Shared declarations and input checks of the spectral_ext kernels, written once and used by every
-// C++ backend.  The Python API runs the same checks (spectral_ext/_checks.py) before it reaches an
-// op; these protect the kernels from direct `torch.ops.spectral_ext.*` calls.
+// C++ backend.  They are the checks of the C++ path: the Python API leaves them to the kernel
+// (a Python loop over 500 layers costs more than the kernel) and runs spectral_ext/_checks.py,
+// the same rules with the same messages, for the Python backends and the fake kernels.
 //
 // Semantics (see spectral_ext/reference.py, the oracle): each weight W is matricized along dim 0,
 // rows = W.size(0), cols = W.numel() / rows, and one power iteration is
@@ -11,7 +12,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <unordered_set>
+#include <string>
+#include <unordered_map>
 
 namespace spectral_ext {
 
@@ -30,52 +32,95 @@ inline at::ScalarType sigma_type(at::TensorList weights) {
 
 inline int64_t matrix_cols(const at::Tensor& w) { return w.numel() / w.size(0); }
 
-// Checks metadata only (no device synchronisation).  `grads` may be null (spectral_norms).
+// Python-style spellings, so that messages read the same as those of spectral_ext/_checks.py.
+inline std::string py_shape(at::IntArrayRef sizes) {
+  std::string s = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    s += std::to_string(sizes[i]);
+    if (i + 1 < sizes.size() || sizes.size() == 1) s += ",";
+    if (i + 1 < sizes.size()) s += " ";
+  }
+  return s + ")";
+}
+
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// Checks metadata only (no device synchronisation), in the same order and with the same
+// messages and exception types (ValueError / TypeError) as spectral_ext/_checks.py, so a
+// rejected call mutates nothing.  `grads` may be null (spectral_norms).
 inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::TensorList* grads,
                          int64_t n_iter) {
-  TORCH_CHECK(weights.size() == vs.size(), "spectral_ext: got ", weights.size(),
-              " weights but ", vs.size(), " vectors (vs): one v per weight");
-  TORCH_CHECK(!weights.empty(), "spectral_ext: the ops need at least one layer");
-  TORCH_CHECK(n_iter >= 1, "spectral_ext: n_iter must be >= 1, got ", n_iter);
+  TORCH_CHECK_VALUE(weights.size() == vs.size(), "got ", weights.size(), " weights but ",
+                    vs.size(), " vectors (vs): one v per weight");
+  TORCH_CHECK_VALUE(!weights.empty(), "the spectral_ext ops need at least one layer");
+  TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
   if (grads != nullptr) {
-    TORCH_CHECK(grads->size() == weights.size(), "spectral_ext: got ", weights.size(),
-                " weights but ", grads->size(), " grads");
+    TORCH_CHECK_VALUE(grads->size() == weights.size(), "got ", weights.size(), " weights but ",
+                      grads->size(), " grads");
   }
   const auto device = weights[0].device();
-  std::unordered_set<const void*> seen_v;
+  std::unordered_map<const void*, size_t> seen_w, seen_v, seen_g;
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& w = weights[i];
     const auto& v = vs[i];
     const auto t = w.scalar_type();
-    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
-                "spectral_ext: weights[", i, "] has dtype ", t,
-                "; supported weight dtypes are float32, float64, bfloat16 and float16");
-    TORCH_CHECK(w.dim() >= 2, "spectral_ext: weights[", i, "] is ", w.dim(), "-D with shape ",
-                w.sizes(), "; the spectral norm needs a matrix (at least 2 dimensions)");
-    TORCH_CHECK(w.numel() > 0, "spectral_ext: weights[", i, "] has shape ", w.sizes(),
-                " with no elements");
-    TORCH_CHECK(w.device() == device, "spectral_ext: weights[", i, "] is on ", w.device(),
-                " but weights[0] is on ", device);
-    TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
-                "spectral_ext: vs[", i, "] has dtype ", v.scalar_type(),
-                "; v must be float32 or float64");
-    TORCH_CHECK(v.dim() == 1 && v.size(0) == matrix_cols(w), "spectral_ext: vs[", i,
-                "] has shape ", v.sizes(), " but weights[", i, "] of shape ", w.sizes(),
-                " matricizes to ", w.size(0), " x ", matrix_cols(w), ", so v must have shape (",
-                matrix_cols(w), ",)");
-    TORCH_CHECK(v.device() == device, "spectral_ext: vs[", i, "] is on ", v.device(),
-                " but weights[0] is on ", device);
-    TORCH_CHECK(seen_v.insert(v.unsafeGetTensorImpl()).second, "spectral_ext: vs[", i,
-                "] is the same tensor as an earlier v: each layer needs its own vector");
-    if (grads != nullptr) {
-      const auto& g = (*grads)[i];
-      TORCH_CHECK(g.sizes() == w.sizes(), "spectral_ext: grads[", i, "] has shape ", g.sizes(),
-                  " but weights[", i, "] has shape ", w.sizes());
-      TORCH_CHECK(g.scalar_type() == t, "spectral_ext: grads[", i, "] has dtype ",
-                  g.scalar_type(), " but weights[", i, "] has dtype ", t);
-      TORCH_CHECK(g.device() == device, "spectral_ext: grads[", i, "] is on ", g.device(),
-                  " but weights[0] is on ", device);
-    }
+    auto dup = seen_w.emplace(w.unsafeGetTensorImpl(), i);
+    TORCH_CHECK_VALUE(dup.second, "weights[", i, "] is the same tensor as weights[",
+                      dup.first->second,
+                      "]; pass each weight once (tied weights must be de-duplicated)");
+    TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
+                     "weights[", i, "] has dtype ", py_dtype(t),
+                     "; supported weight dtypes are float32, float64, bfloat16 and float16");
+    TORCH_CHECK_VALUE(w.dim() >= 2, "weights[", i, "] is ", w.dim(), "-D with shape ",
+                      py_shape(w.sizes()), "; the spectral norm needs a matrix (a weight with at "
+                      "least 2 dimensions, matricized along dim 0)");
+    TORCH_CHECK_VALUE(w.numel() > 0, "weights[", i, "] has shape ", py_shape(w.sizes()),
+                      " with no elements");
+    TORCH_CHECK_VALUE(w.device() == device, "weights[", i, "] is on ", w.device(),
+                      " but weights[0] is on ", device,
+                      ": all tensors of one call must be on the same device");
+    TORCH_CHECK_TYPE(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, "vs[", i,
+                     "] has dtype ", py_dtype(v.scalar_type()), "; v must be float32 or float64");
+    const int64_t cols = matrix_cols(w);
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == cols, "vs[", i, "] has shape ",
+                      py_shape(v.sizes()), " but weights[", i, "] of shape ", py_shape(w.sizes()),
+                      " matricizes to ", w.size(0), " x ", cols, ", so v must have shape (", cols,
+                      ",)");
+    TORCH_CHECK_VALUE(v.device() == device, "vs[", i, "] is on ", v.device(),
+                      " but weights[0] is on ", device,
+                      ": all tensors of one call must be on the same device");
+    dup = seen_v.emplace(v.unsafeGetTensorImpl(), i);
+    TORCH_CHECK_VALUE(dup.second, "vs[", i, "] is the same tensor as vs[", dup.first->second,
+                      "]: each layer needs its own vector");
+  }
+  if (grads == nullptr) return;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    const auto& g = (*grads)[i];
+    TORCH_CHECK_VALUE(g.sizes() == w.sizes(), "grads[", i, "] has shape ", py_shape(g.sizes()),
+                      " but weights[", i, "] has shape ", py_shape(w.sizes()));
+    TORCH_CHECK_TYPE(g.scalar_type() == w.scalar_type(), "grads[", i, "] has dtype ",
+                     py_dtype(g.scalar_type()), " but weights[", i, "] has dtype ",
+                     py_dtype(w.scalar_type()));
+    TORCH_CHECK_VALUE(g.device() == w.device(), "grads[", i, "] is on ", g.device(),
+                      " but weights[", i, "] is on ", w.device());
+    auto dup = seen_g.emplace(g.unsafeGetTensorImpl(), i);
+    TORCH_CHECK_VALUE(dup.second, "grads[", i, "] is the same tensor as grads[", dup.first->second,
+                      "]; pass each weight once (tied weights must be de-duplicated)");
   }
 }
 

@@ -36,7 +36,7 @@ def matrix_shape(w: torch.Tensor) -> tuple:
     return rows, (w.numel() // rows if rows else 0)
 
 
-def _as_list(name: str, xs) -> List[torch.Tensor]:
+def as_list(name: str, xs) -> List[torch.Tensor]:
     if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(xs).__name__}")
     for i, x in enumerate(xs):
@@ -64,8 +64,8 @@ def check_n_iter(n_iter) -> int:
 
 def check_weights_and_vectors(weights, vs):
     """Checks weights and vectors; returns them as lists."""
-    weights = _as_list("weights", weights)
-    vs = _as_list("vs", vs)
+    weights = as_list("weights", weights)
+    vs = as_list("vs", vs)
     if len(weights) != len(vs):
         raise ValueError(f"got {len(weights)} weights but {len(vs)} vectors (vs): one v per weight")
     device = weights[0].device if weights else None
@@ -118,7 +118,7 @@ def _check_grad(i: int, w: torch.Tensor, g: torch.Tensor) -> None:
 
 
 def check_grads(weights, grads) -> List[torch.Tensor]:
-    grads = _as_list("grads", grads)
+    grads = as_list("grads", grads)
     if len(grads) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(grads)} grads")
     seen = {}

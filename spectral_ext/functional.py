@@ -71,15 +71,24 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
     Returns sigma per layer, a float32 tensor of shape [L] (float64 if any weight is float64) on
     the weights' device.  No host synchronisation.  Bad input raises before anything is changed.
     """
-    weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam, n_iter)
+    lam, n_iter = _checks.check_lam(lam), _checks.check_n_iter(n_iter)
+    weights, vs = _checks.as_list("weights", weights), _checks.as_list("vs", vs)
     name = resolve_backend(weights, backend)
-    if not weights:
-        return torch.empty(0)
-    grads = _checks.resolve_grads(weights, grads)
-    if name == "reference":
+    if name == "reference" or not weights:
+        weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam,
+                                                                        n_iter)
+        grads = _checks.resolve_grads(weights, grads)
         return reference._fused_step_unchecked(weights, vs, grads, lam, n_iter)
+    # A native kernel checks every tensor itself (csrc/spectral_ext.h: same rules, same messages)
+    # before it changes anything; a per-layer loop of Python checks would cost more than the
+    # kernel on many small layers.  Only creating a missing .grad needs the checks first.
+    if grads is None:
+        grads = [w.grad for w in weights]
+        if any(g is None for g in grads):
+            _checks.check_fused_step_args(weights, vs, None, lam, n_iter)
+            grads = _checks.resolve_grads(weights, None)
     with torch.no_grad():
-        return _ops.fused_step([w.detach() for w in weights], vs, grads, lam, n_iter)
+        return _ops.fused_step(weights, vs, _checks.as_list("grads", grads), lam, n_iter)
 
 
 def spectral_norms(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], n_iter: int = 1,

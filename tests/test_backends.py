@@ -204,7 +204,15 @@ def test_extreme_magnitudes(backend):
     squared norms are summed in float64.  (The documented range limit of the fused kernels is
     sigma^2 < 3.4e38 for float32 accumulation: they form W^T W v before normalizing.)"""
     name, dev = backend
-    weights = [torch.randn(20, 30, device=dev) * 1e17, torch.randn(7, 3, device=dev) * 1e-19]
+
+    def with_gap(m, n, scale):   # top singular value 2x the next: 30 iterations converge
+        U, _ = torch.linalg.qr(torch.randn(m, min(m, n), dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64))
+        s = torch.linspace(1.0, 0.1, min(m, n), dtype=torch.float64)
+        s[0] = 2.0
+        return ((U * s) @ V.T * scale).float().to(dev)
+
+    weights = [with_gap(20, 30, 1e17), with_gap(7, 3, 1e-19)]
     (s, v, g), (s_ref, v_ref, g_ref) = _run_both(backend, weights, 30, grads=[
         torch.zeros_like(w) for w in weights])
     exact = torch.stack([torch.linalg.matrix_norm(w.double(), 2) for w in weights])

@@ -105,18 +105,22 @@ def test_empty_lists_return_empty_sigma(backend):
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not built here")
 def test_cpp_kernel_checks_direct_op_calls():
-    """torch.ops.spectral_ext.* called directly (no Python checks) still refuses bad input."""
+    """The C++ kernel's own checks (the only ones on the native path): same exception types and
+    messages as the Python checks, and nothing changed."""
     ws, vs, gs = _good()
     snapshot = [t.clone() for t in ws + vs + gs]
     bad = [
-        ((ws, [vs[0], torch.ones(5)], gs, 0.1, 1), "v must have shape (8,)"),
-        ((ws, vs[:1], gs, 0.1, 1), "2 weights but 1 vectors"),
-        (([ws[0].long(), ws[1]], vs, gs, 0.1, 1), "supported weight dtypes"),
-        ((ws, vs, [gs[0].double(), gs[1]], 0.1, 1), "grads[0] has dtype"),
-        ((ws, vs, gs, 0.1, 0), "n_iter must be >= 1"),
+        ((ws, [vs[0], torch.ones(5)], gs, 0.1, 1), ValueError, "v must have shape (8,)"),
+        ((ws, vs[:1], gs, 0.1, 1), ValueError, "2 weights but 1 vectors"),
+        (([ws[0].long(), ws[1]], vs, gs, 0.1, 1), TypeError, "weights[0] has dtype torch.int64"),
+        ((ws, vs, [gs[0].double(), gs[1]], 0.1, 1), TypeError, "grads[0] has dtype torch.float64"),
+        ((ws, vs, [gs[0].t(), gs[1]], 0.1, 1), ValueError, "grads[0] has shape (6, 4)"),
+        (([ws[0], ws[0]], [vs[0], vs[0].clone()], gs, 0.1, 1), ValueError,
+         "weights[1] is the same tensor as weights[0]"),
+        ((ws, vs, gs, 0.1, 0), ValueError, "n_iter must be >= 1"),
     ]
-    for args, fragment in bad:
-        with pytest.raises(RuntimeError, match=re.escape(fragment)):
+    for args, exc, fragment in bad:
+        with pytest.raises(exc, match=re.escape(fragment)):
             torch.ops.spectral_ext.fused_step.default.redispatch(
                 torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args)
     for before, after in zip(snapshot, ws + vs + gs):

@@ -37,14 +37,18 @@
 namespace spectral_ext {
 namespace {
 
-// One layer, prepared for the kernel.
+// One layer, prepared for the kernel: raw pointers and strides, so that the common case
+// (contiguous weight, gradient and vector) costs no ATen call per layer.
 struct Layer {
-  int64_t index = 0;      // position in the caller's lists
+  int64_t index = 0;           // position in the caller's lists
   int64_t rows = 0, cols = 0;
-  at::Tensor W;           // rows x cols with column stride 1 (a view of the weight, or a copy)
-  at::Tensor G;           // rows x cols view of the gradient, or a copy written back to G_out
-  at::Tensor G_out;       // defined when the gradient cannot be viewed as a 2-D matrix
-  int64_t ws_offset = 0;  // into the dtype group's workspace: v [cols], vp [cols], u [rows]
+  const void* W = nullptr;     // rows x cols, element (r, c) at W[r * ldw + c]
+  int64_t ldw = 0;
+  void* G = nullptr;           // element (r, c) at G[r * ldg + c * scg]
+  int64_t ldg = 0, scg = 1;
+  at::Tensor W_hold, G_hold;   // keep-alive of a copy made for a layout that is not 2-D strided
+  at::Tensor G_out;            // defined when G_hold is a copy to be written back
+  int64_t ws_offset = 0;       // into the dtype group's workspace: v [cols], vp [cols], u [rows]
   double sigma = 0.0;
 };
 
@@ -149,8 +153,8 @@ struct Kernel {
   // A small layer, entirely on the calling thread.
   static void run_whole(Layer& L, acc_t* ws, int64_t n_iter, bool update, acc_t lam,
                         acc_t* buf) {
-    const scalar_t* W = L.W.data_ptr<scalar_t>();
-    const int64_t ld = L.W.stride(0), rows = L.rows, cols = L.cols;
+    const scalar_t* W = static_cast<const scalar_t*>(L.W);
+    const int64_t ld = L.ldw, rows = L.rows, cols = L.cols;
     acc_t* v = ws + L.ws_offset;
     acc_t* vp = v + cols;
     acc_t* u = vp + cols;
@@ -160,15 +164,14 @@ struct Kernel {
       L.sigma = finalize(u, rows, vp, v, cols);
     }
     if (update) {
-      grad_rows(L.G.data_ptr<scalar_t>(), L.G.stride(0), L.G.stride(1), cols, u, vp, lam, 0,
-                rows);
+      grad_rows(static_cast<scalar_t*>(L.G), L.ldg, L.scg, cols, u, vp, lam, 0, rows);
     }
   }
 
   // A large layer: rows split over T threads, partial vp sums reduced in a fixed order.
   static void run_split(Layer& L, acc_t* ws, int64_t n_iter, bool update, acc_t lam, int T) {
-    const scalar_t* W = L.W.data_ptr<scalar_t>();
-    const int64_t ld = L.W.stride(0), rows = L.rows, cols = L.cols;
+    const scalar_t* W = static_cast<const scalar_t*>(L.W);
+    const int64_t ld = L.ldw, rows = L.rows, cols = L.cols;
     acc_t* v = ws + L.ws_offset;
     acc_t* vp = v + cols;
     acc_t* u = vp + cols;
@@ -191,8 +194,8 @@ struct Kernel {
       L.sigma = finalize(u, rows, vp, v, cols);
     }
     if (update) {
-      scalar_t* G = L.G.data_ptr<scalar_t>();
-      const int64_t ldg = L.G.stride(0), scg = L.G.stride(1);
+      scalar_t* G = static_cast<scalar_t*>(L.G);
+      const int64_t ldg = L.ldg, scg = L.scg;
       const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
       at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
         grad_rows(G, ldg, scg, cols, u, vp, lam, r0, r1);
@@ -237,6 +240,61 @@ struct Kernel {
   }
 };
 
+// Copies n values from src (dtype t, element stride `stride`) into / out of the acc workspace.
+template <typename acc_t>
+void load_vector(const at::Tensor& src, acc_t* dst) {
+  const int64_t n = src.numel(), st = src.stride(0);
+  if (src.scalar_type() == at::kDouble) {
+    const double* p = src.const_data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(p[i * st]);
+  } else {
+    const float* p = src.const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(p[i * st]);
+  }
+}
+
+template <typename acc_t>
+void store_vector(const acc_t* src, const at::Tensor& dst) {
+  const int64_t n = dst.numel(), st = dst.stride(0);
+  if (dst.scalar_type() == at::kDouble) {
+    double* p = dst.mutable_data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<double>(src[i]);
+  } else {
+    float* p = dst.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<float>(src[i]);
+  }
+}
+
+// The weight as a rows x cols matrix with column stride 1 (a copy only if no such view exists).
+void prepare_weight(Layer& l, const at::Tensor& w) {
+  if (w.is_contiguous()) {
+    l.W = w.const_data_ptr();
+    l.ldw = l.cols;
+    return;
+  }
+  at::Tensor m = w.reshape({l.rows, l.cols});
+  if (l.cols > 1 && m.stride(1) != 1) m = m.contiguous();
+  l.W_hold = m;
+  l.W = m.const_data_ptr();
+  l.ldw = m.stride(0);
+}
+
+// The gradient as a rows x cols strided matrix, or a copy that is written back afterwards.
+void prepare_grad(Layer& l, const at::Tensor& g) {
+  if (g.is_contiguous()) {
+    l.G = g.mutable_data_ptr();
+    l.ldg = l.cols;
+    l.scg = 1;
+    return;
+  }
+  at::Tensor m = g.reshape({l.rows, l.cols});
+  if (!m.is_alias_of(g)) l.G_out = g;  // reshape had to copy: write the result back
+  l.G_hold = m;
+  l.G = m.mutable_data_ptr();
+  l.ldg = m.stride(0);
+  l.scg = m.stride(1);
+}
+
 // Matricizes weights (and gradients), groups layers by dtype, runs every group, writes v back.
 // Returns sigma [L]; fills us / vs_new when `outputs` is set (spectral_norms).
 at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* grads,
@@ -251,13 +309,8 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
     l.index = i;
     l.rows = weights[i].size(0);
     l.cols = matrix_cols(weights[i]);
-    l.W = weights[i].reshape({l.rows, l.cols});
-    if (l.cols > 1 && l.W.stride(1) != 1) l.W = l.W.contiguous();
-    if (grads != nullptr) {
-      const at::Tensor& g = (*grads)[i];
-      l.G = g.reshape({l.rows, l.cols});
-      if (!l.G.is_alias_of(g)) l.G_out = g;  // reshape had to copy: write the result back
-    }
+    prepare_weight(l, weights[i]);
+    if (grads != nullptr) prepare_grad(l, (*grads)[i]);
     groups[weights[i].scalar_type()].push_back(&l);
   }
 
@@ -269,26 +322,28 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
       size += 2 * l->cols + l->rows;
     }
     at::Tensor ws = at::empty({size}, weights[0].options().dtype(acc));
-    for (Layer* l : kv.second) ws.narrow(0, l->ws_offset, l->cols).copy_(vs[l->index]);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv.first, "spectral_ext_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      Kernel<scalar_t>::run_group(kv.second, ws.data_ptr<acc_t>(), n_iter, grads != nullptr, lam);
+      acc_t* w = ws.mutable_data_ptr<acc_t>();
+      for (Layer* l : kv.second) load_vector(vs[l->index], w + l->ws_offset);
+      Kernel<scalar_t>::run_group(kv.second, w, n_iter, grads != nullptr, lam);
+      if (outputs == nullptr) {
+        for (Layer* l : kv.second) store_vector(w + l->ws_offset, vs[l->index]);
+      }
     });
     for (Layer* l : kv.second) {
-      at::Tensor v_new = ws.narrow(0, l->ws_offset, l->cols);
       if (outputs != nullptr) {
         outputs->first[l->index] = ws.narrow(0, l->ws_offset + 2 * l->cols, l->rows).clone();
-        outputs->second[l->index] = v_new.to(vs[l->index].scalar_type(), false, true);
-      } else {
-        vs[l->index].copy_(v_new);
+        outputs->second[l->index] =
+            ws.narrow(0, l->ws_offset, l->cols).to(vs[l->index].scalar_type(), false, true);
       }
-      if (l->G_out.defined()) l->G_out.copy_(l->G.view(l->G_out.sizes()));
+      if (l->G_out.defined()) l->G_out.copy_(l->G_hold.view(l->G_out.sizes()));
     }
   }
 
   at::Tensor sigma = at::empty({L}, weights[0].options().dtype(sigma_type(weights)));
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "spectral_ext_sigma", [&] {
-    scalar_t* s = sigma.data_ptr<scalar_t>();
+    scalar_t* s = sigma.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < L; ++i) s[i] = static_cast<scalar_t>(layers[i].sigma);
   });
   return sigma;

@@ -1,0 +1,1 @@
+"""spectral_ext benchmarks: `python -m benchmarks` (or `make bench`) prints the comparison table."""
