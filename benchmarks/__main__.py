@@ -7,8 +7,9 @@ For each weight set: median time per step of the naive loop (spectral_ext.experi
 of each backend, the speed-up over naive, and time over the memory floor.  The floor is
 bytes / bandwidth, with bytes = itemsize * (n_iter + 3) per parameter (W read n_iter + 1 times in
 the two-pass formulation, the gradient read and written once: 16 bytes per float32 parameter for
-n_iter = 1) and the bandwidth measured by a large copy in the same run (2 * size bytes moved).
-CPU timings: time.perf_counter around whole steps after warm-up (float32 weights).
+n_iter = 1) and the bandwidth measured by a 256 MiB copy (2 * size bytes moved) in the same
+interleaved rounds as the steps.  CPU timings: time.perf_counter around batches of whole steps
+after warm-up, float32 weights; each number is the median over rounds.
 """
 
 import argparse
@@ -26,44 +27,46 @@ from spectral_ext.experiments.naive import naive_step
 from .models import SETS, numel
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 10) -> float:
-    """Bytes per second of a large tensor copy (read + write counted)."""
-    src = torch.randn(nbytes // 4)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps + 2):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times[2:])
-
-
-def time_step(fn, min_reps: int = 5, min_seconds: float = 0.5) -> float:
-    fn()
-    fn()  # warm-up
-    times, start = [], time.perf_counter()
-    while len(times) < min_reps or time.perf_counter() - start < min_seconds:
+def interleaved_medians(impls, rounds: int = 15, batch_seconds: float = 0.03):
+    """Median seconds per call of each implementation, measured in interleaved rounds (each
+    round runs a batch of every implementation in turn), so that all of them see the same
+    machine conditions; on a shared 2-core machine that matters more than the repetition count."""
+    batch = {}
+    for name, fn in impls.items():
+        fn()
+        fn()  # warm-up
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        batch[name] = max(1, int(batch_seconds / max(time.perf_counter() - t0, 1e-9)))
+    samples = {name: [] for name in impls}
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            for _ in range(batch[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / batch[name])
+    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
-def run_set(name, backends, n_iter, bandwidth):
+def run_set(name, backends, n_iter, copy_bytes):
     shapes = SETS[name]()
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=gen) / s[0] ** 0.5 for s in shapes]
     for w in weights:
         w.grad = torch.zeros_like(w)
-    n = numel(shapes)
-    floor = 4 * (n_iter + 3) * n / bandwidth
-    row = {"set": name, "layers": len(shapes), "params": n, "floor_s": floor}
-    vs = se.init_vectors(weights)
-    row["naive_s"] = time_step(lambda: naive_step(weights, vs, lam=0.01, n_iter=n_iter))
+    src = torch.randn(copy_bytes // 4)
+    dst = torch.empty_like(src)
+    impls = {"copy": lambda: dst.copy_(src)}
+    vs = {b: se.init_vectors(weights) for b in ["naive"] + backends}
+    impls["naive"] = lambda: naive_step(weights, vs["naive"], lam=0.01, n_iter=n_iter)
     for b in backends:
-        vs = se.init_vectors(weights)
-        row[f"{b}_s"] = time_step(
-            lambda: se.fused_step(weights, vs, lam=0.01, n_iter=n_iter, backend=b))
+        impls[b] = (lambda b=b: se.fused_step(weights, vs[b], lam=0.01, n_iter=n_iter, backend=b))
+    t = interleaved_medians(impls)
+    bandwidth = 2 * copy_bytes / t.pop("copy")      # read + write
+    n = numel(shapes)
+    row = {"set": name, "layers": len(shapes), "params": n, "bandwidth_Bps": bandwidth,
+           "floor_s": 4 * (n_iter + 3) * n / bandwidth}
+    row.update({f"{k}_s": v for k, v in t.items()})
     return row
 
 
@@ -82,15 +85,15 @@ def main(argv=None):
         if s not in SETS:
             sys.exit(f"unknown set {s!r}; choose from {', '.join(SETS)}")
 
-    bw = copy_bandwidth()
     info = (f"spectral_ext {se.__version__} ({se.__file__}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(info)
-    print(f"device cpu: copy bandwidth {bw / 1e9:.2f} GB/s; float32 weights; n_iter={args.n_iter}")
-    rows = [run_set(s, backends, args.n_iter, bw) for s in sets]
+    print(f"device cpu: float32 weights, n_iter={args.n_iter}; medians of interleaved rounds; "
+          "floor = bytes / bandwidth of a 256 MiB copy measured in the same rounds")
+    rows = [run_set(s, backends, args.n_iter, 256 << 20) for s in sets]
 
     cols = ["naive"] + backends
-    head = f"{'set':13s} {'layers':>6s} {'params':>9s} {'floor ms':>9s}"
+    head = f"{'set':13s} {'layers':>6s} {'params':>9s} {'GB/s':>6s} {'floor ms':>9s}"
     for c in cols:
         head += f" {c + ' ms':>10s}"
     for b in backends:
@@ -98,7 +101,8 @@ def main(argv=None):
     head += f" {'naive/floor':>11s}"
     print(head)
     for r in rows:
-        line = f"{r['set']:13s} {r['layers']:6d} {r['params'] / 1e6:8.2f}M {r['floor_s'] * 1e3:9.3f}"
+        line = (f"{r['set']:13s} {r['layers']:6d} {r['params'] / 1e6:8.2f}M "
+                f"{r['bandwidth_Bps'] / 1e9:6.1f} {r['floor_s'] * 1e3:9.3f}")
         for c in cols:
             line += f" {r[c + '_s'] * 1e3:10.3f}"
         for b in backends:
@@ -107,8 +111,7 @@ def main(argv=None):
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "bandwidth_Bps": bw, "n_iter": args.n_iter, "rows": rows}, f,
-                      indent=2)
+            json.dump({"info": info, "n_iter": args.n_iter, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,16 @@ torch.library.register_autograd("spectral_ext::spectral_norms", _spectral_norms_
 CPU_EXTENSION_ERROR = None
 CPU_OPENMP = False
 try:
-    from . import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL(spectral_ext, CPU, m))
-    CPU_OPENMP = bool(_C.openmp())
-except ImportError as exc:  # a source checkout that was never built, or a torch ABI mismatch
-    CPU_EXTENSION_ERROR = f"the C++ extension spectral_ext._C did not load: {exc}"
+    from ._build_config import CPU_ARCH  # written by setup.py next to the extension
+except ImportError:
+    CPU_ARCH = None
+if CPU_ARCH == "x86-64-v3" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    CPU_EXTENSION_ERROR = ("the C++ extension was built for x86-64-v3 (AVX2/FMA) and this CPU "
+                           "lacks AVX2: rebuild with SPECTRAL_EXT_CPU_ARCH= (empty) for a "
+                           "portable build")
+else:
+    try:
+        from . import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL(spectral_ext, CPU, m))
+        CPU_OPENMP = bool(_C.openmp())
+    except ImportError as exc:  # a source checkout that was never built, or a torch ABI mismatch
+        CPU_EXTENSION_ERROR = f"the C++ extension spectral_ext._C did not load: {exc}"

@@ -34,7 +34,8 @@ def available_backends() -> Dict[str, Backend]:
         threads = torch.get_num_threads()
         omp = (f"OpenMP, {threads} threads" if _ops.CPU_OPENMP
                else "built WITHOUT OpenMP: single-threaded")
-        out["cpu"] = Backend("cpu", True, f"C++ kernel for CPU tensors ({omp})")
+        arch = f"-march={_ops.CPU_ARCH}" if _ops.CPU_ARCH else "portable build"
+        out["cpu"] = Backend("cpu", True, f"C++ kernel for CPU tensors ({omp}, {arch})")
     else:
         out["cpu"] = Backend("cpu", False, _ops.CPU_EXTENSION_ERROR)
     return out
