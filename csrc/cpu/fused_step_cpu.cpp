@@ -150,6 +150,21 @@ struct Kernel {
     }
   }
 
+  // Software prefetch of a (small, contiguous) layer's W and G, at most 64 KiB of each.
+  static void prefetch_layer(const Layer& L, bool update) {
+    constexpr int64_t kMax = 64 * 1024, kLine = 64;
+    if (L.ldw == L.cols) {
+      const char* p = static_cast<const char*>(L.W);
+      const int64_t n = std::min<int64_t>(L.rows * L.cols * sizeof(scalar_t), kMax);
+      for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0, 3);
+    }
+    if (update && L.ldg == L.cols && L.scg == 1) {
+      const char* p = static_cast<const char*>(L.G);
+      const int64_t n = std::min<int64_t>(L.rows * L.cols * sizeof(scalar_t), kMax);
+      for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 1, 3);
+    }
+  }
+
   // A small layer, entirely on the calling thread.
   static void run_whole(Layer& L, acc_t* ws, int64_t n_iter, bool update, acc_t lam,
                         acc_t* buf) {
@@ -232,7 +247,13 @@ struct Kernel {
       at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
         std::vector<acc_t> buf(kConvert ? 4 * max_cols : 0);
         for (int64_t t = b; t < e; ++t) {
-          for (Layer* L : bins[t]) run_whole(*L, ws, n_iter, update, lam_acc, buf.data());
+          const auto& bin = bins[t];
+          for (size_t k = 0; k < bin.size(); ++k) {
+            // small layers are separate allocations: start fetching the next one now, so its
+            // first lines do not each pay the full memory latency
+            if (k + 1 < bin.size()) prefetch_layer(*bin[k + 1], update);
+            run_whole(*bin[k], ws, n_iter, update, lam_acc, buf.data());
+          }
         }
       });
     }
