@@ -9,6 +9,7 @@
 // with the zero-matrix and non-finite rules documented there.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -103,6 +104,8 @@ inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::Te
     TORCH_CHECK_VALUE(v.device() == device, "vs[", i, "] is on ", v.device(),
                       " but weights[0] is on ", device,
                       ": all tensors of one call must be on the same device");
+    TORCH_CHECK_VALUE(at::has_internal_overlap(v) != at::MemOverlap::Yes, "vs[", i,
+                      "] has overlapping memory (an expanded tensor); it is updated in place");
     dup = seen_v.emplace(v.unsafeGetTensorImpl(), i);
     TORCH_CHECK_VALUE(dup.second, "vs[", i, "] is the same tensor as vs[", dup.first->second,
                       "]: each layer needs its own vector");
@@ -118,6 +121,8 @@ inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::Te
                      py_dtype(w.scalar_type()));
     TORCH_CHECK_VALUE(g.device() == w.device(), "grads[", i, "] is on ", g.device(),
                       " but weights[", i, "] is on ", w.device());
+    TORCH_CHECK_VALUE(at::has_internal_overlap(g) != at::MemOverlap::Yes, "grads[", i,
+                      "] has overlapping memory (an expanded tensor); it is updated in place");
     auto dup = seen_g.emplace(g.unsafeGetTensorImpl(), i);
     TORCH_CHECK_VALUE(dup.second, "grads[", i, "] is the same tensor as grads[", dup.first->second,
                       "]; pass each weight once (tied weights must be de-duplicated)");

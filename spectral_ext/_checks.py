@@ -100,11 +100,20 @@ def check_weights_and_vectors(weights, vs):
             raise ValueError(
                 f"vs[{i}] is on {v.device} but weights[0] is on {device}: "
                 "all tensors of one call must be on the same device")
+        if _overlaps(v):
+            raise ValueError(f"vs[{i}] has overlapping memory (an expanded tensor); it is "
+                             "updated in place")
         if id(v) in seen_v:
             raise ValueError(f"vs[{i}] is the same tensor as vs[{seen_v[id(v)]}]: each layer "
                              "needs its own vector")
         seen_v[id(v)] = i
     return weights, vs
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of t share memory (a stride of 0 on a dimension of size > 1): such a
+    tensor cannot be updated in place element by element."""
+    return any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
 
 
 def _check_grad(i: int, w: torch.Tensor, g: torch.Tensor) -> None:
@@ -115,6 +124,9 @@ def _check_grad(i: int, w: torch.Tensor, g: torch.Tensor) -> None:
         raise TypeError(f"grads[{i}] has dtype {g.dtype} but weights[{i}] has dtype {w.dtype}")
     if g.device != w.device:
         raise ValueError(f"grads[{i}] is on {g.device} but weights[{i}] is on {w.device}")
+    if _overlaps(g):
+        raise ValueError(f"grads[{i}] has overlapping memory (an expanded tensor); it is "
+                         "updated in place")
 
 
 def check_grads(weights, grads) -> List[torch.Tensor]:

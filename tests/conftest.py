@@ -19,6 +19,12 @@ def pytest_report_header(config):
     return f"spectral_ext test seed: {SEED} (set SPECTRAL_EXT_TEST_SEED={SEED} to reproduce)"
 
 
+def pytest_terminal_summary(terminalreporter):
+    # also under -q, where the header is not shown
+    terminalreporter.write_line(f"spectral_ext test seed: {SEED} "
+                                f"(SPECTRAL_EXT_TEST_SEED={SEED} reproduces this run)")
+
+
 @pytest.fixture(autouse=True)
 def _seed_each_test(request):
     torch.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
