@@ -218,3 +218,24 @@ def test_extreme_magnitudes(backend):
     exact = torch.stack([torch.linalg.matrix_norm(w.double(), 2) for w in weights])
     assert_rel_close(s, exact.float(), 1e-4, "sigma")
     _assert_same(((s, v, g), (s_ref, v_ref, g_ref)))
+
+
+def test_strided_and_float64_vectors(backend):
+    """v is read and written through its stride and in its own dtype."""
+    name, dev = backend
+    weights = [torch.randn(6, 10, device=dev), torch.randn(5, 4, device=dev)]
+    v0 = se.init_vectors(weights)
+    store = torch.zeros(20, device=dev)
+    strided = store[::2]                      # a non-contiguous v
+    strided.copy_(v0[0])
+    vs = [strided, v0[1].double()]            # a float64 v for a float32 weight
+    ref = [v0[0].clone(), v0[1].double()]
+    g = [torch.zeros_like(w) for w in weights]
+    g_ref = [torch.zeros_like(w) for w in weights]
+    s = se.fused_step(weights, vs, grads=g, backend=name)
+    s_ref = se.fused_step(weights, ref, grads=g_ref, backend="reference")
+    assert_rel_close(s, s_ref, 2e-5, "sigma")
+    assert_rel_close(store[::2], ref[0], 2e-5, "strided v")
+    assert torch.equal(store[1::2], torch.zeros(10, device=dev))   # the gaps are untouched
+    assert vs[1].dtype == torch.float64
+    assert_rel_close(vs[1], ref[1], 2e-5, "float64 v")

@@ -261,28 +261,27 @@ struct Kernel {
   }
 };
 
-// Copies n values from src (dtype t, element stride `stride`) into / out of the acc workspace.
+// The vector v (float32 or float64, any stride) into the acc-typed workspace, and back.
+template <typename From, typename To>
+void strided_copy(const From* src, int64_t src_stride, To* dst, int64_t dst_stride, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i * dst_stride] = static_cast<To>(src[i * src_stride]);
+}
+
 template <typename acc_t>
-void load_vector(const at::Tensor& src, acc_t* dst) {
-  const int64_t n = src.numel(), st = src.stride(0);
-  if (src.scalar_type() == at::kDouble) {
-    const double* p = src.const_data_ptr<double>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(p[i * st]);
+void load_vector(const at::Tensor& v, acc_t* dst) {
+  if (v.scalar_type() == at::kDouble) {
+    strided_copy(v.const_data_ptr<double>(), v.stride(0), dst, 1, v.numel());
   } else {
-    const float* p = src.const_data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(p[i * st]);
+    strided_copy(v.const_data_ptr<float>(), v.stride(0), dst, 1, v.numel());
   }
 }
 
 template <typename acc_t>
-void store_vector(const acc_t* src, const at::Tensor& dst) {
-  const int64_t n = dst.numel(), st = dst.stride(0);
-  if (dst.scalar_type() == at::kDouble) {
-    double* p = dst.mutable_data_ptr<double>();
-    for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<double>(src[i]);
+void store_vector(const acc_t* src, const at::Tensor& v) {
+  if (v.scalar_type() == at::kDouble) {
+    strided_copy(src, 1, v.mutable_data_ptr<double>(), v.stride(0), v.numel());
   } else {
-    float* p = dst.mutable_data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) p[i * st] = static_cast<float>(src[i]);
+    strided_copy(src, 1, v.mutable_data_ptr<float>(), v.stride(0), v.numel());
   }
 }
 
