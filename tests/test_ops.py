@@ -118,3 +118,29 @@ def test_torch_compile_training_step(backend):
     (s0, g0, v0), (s1, g1, v1) = results
     for a, b in zip(s0 + g0 + v0, s1 + g1 + v1):
         assert_rel_close(b, a, 1e-5, "compiled vs eager")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_torch_compile_differentiable_penalty(backend):
+    """loss + reg.penalty() compiled with fullgraph (the spectral_norms op, its fake kernel and
+    its registered autograd) gives eager's loss, gradients and vectors."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 6)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        reg = se.SpectralNormRegularizer(model, lam=0.1, backend=backend)
+
+        def loss_fn():
+            return model(x).square().mean() + reg.penalty()
+
+        fn = torch.compile(loss_fn, fullgraph=True) if compiled else loss_fn
+        for _ in range(2):
+            model.zero_grad()
+            loss = fn()
+            loss.backward()
+        results.append([loss.detach().reshape(1)] + [p.grad.clone() for p in model.parameters()]
+                       + reg.vs())
+    for a, b in zip(*results):
+        assert_rel_close(b, a, 1e-5, "compiled vs eager")
