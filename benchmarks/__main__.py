@@ -92,23 +92,21 @@ def main(argv=None):
           "floor = bytes / bandwidth of a 256 MiB copy measured in the same rounds")
     rows = [run_set(s, backends, args.n_iter, 256 << 20) for s in sets]
 
-    cols = ["naive"] + backends
-    head = f"{'set':13s} {'layers':>6s} {'params':>9s} {'GB/s':>6s} {'floor ms':>9s}"
-    for c in cols:
-        head += f" {c + ' ms':>10s}"
+    # (header, width, value of a row): one spec for the header and every row
+    columns = [("set", 13, lambda r: f"{r['set']:13s}"),
+               ("layers", 6, lambda r: f"{r['layers']:6d}"),
+               ("params", 9, lambda r: f"{r['params'] / 1e6:8.2f}M"),
+               ("GB/s", 6, lambda r: f"{r['bandwidth_Bps'] / 1e9:6.1f}"),
+               ("floor ms", 9, lambda r: f"{r['floor_s'] * 1e3:9.3f}")]
+    for c in ["naive"] + backends:
+        columns.append((c + " ms", 10, lambda r, c=c: f"{r[c + '_s'] * 1e3:10.3f}"))
     for b in backends:
-        head += f" {b + ' vs naive':>14s} {b + '/floor':>10s}"
-    head += f" {'naive/floor':>11s}"
-    print(head)
+        columns.append((b + " vs naive", 14, lambda r, b=b: f"{r['naive_s'] / r[b + '_s']:13.2f}x"))
+        columns.append((b + "/floor", 10, lambda r, b=b: f"{r[b + '_s'] / r['floor_s']:10.2f}"))
+    columns.append(("naive/floor", 11, lambda r: f"{r['naive_s'] / r['floor_s']:11.2f}"))
+    print(" ".join(f"{h:{'<' if h == 'set' else '>'}{w}s}" for h, w, _ in columns))
     for r in rows:
-        line = (f"{r['set']:13s} {r['layers']:6d} {r['params'] / 1e6:8.2f}M "
-                f"{r['bandwidth_Bps'] / 1e9:6.1f} {r['floor_s'] * 1e3:9.3f}")
-        for c in cols:
-            line += f" {r[c + '_s'] * 1e3:10.3f}"
-        for b in backends:
-            line += f" {r['naive_s'] / r[b + '_s']:13.2f}x {r[b + '_s'] / r['floor_s']:10.2f}"
-        line += f" {r['naive_s'] / r['floor_s']:11.2f}"
-        print(line)
+        print(" ".join(fmt(r) for _, _, fmt in columns))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "n_iter": args.n_iter, "rows": rows}, f, indent=2)

@@ -76,10 +76,7 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
     weights, vs = _checks.as_list("weights", weights), _checks.as_list("vs", vs)
     name = resolve_backend(weights, backend)
     if name == "reference" or not weights:
-        weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam,
-                                                                        n_iter)
-        grads = _checks.resolve_grads(weights, grads)
-        return reference._fused_step_unchecked(weights, vs, grads, lam, n_iter)
+        return reference.fused_step(weights, vs, lam=lam, n_iter=n_iter, grads=grads)
     # A native kernel checks every tensor itself (csrc/spectral_ext.h: same rules, same messages)
     # before it changes anything; a per-layer loop of Python checks would cost more than the
     # kernel on many small layers.  Only creating a missing .grad needs the checks first.

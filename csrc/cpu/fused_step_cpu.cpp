@@ -152,16 +152,14 @@ struct Kernel {
 
   // Software prefetch of a (small, contiguous) layer's W and G, at most 64 KiB of each.
   static void prefetch_layer(const Layer& L, bool update) {
-    constexpr int64_t kMax = 64 * 1024, kLine = 64;
+    const int64_t bytes = std::min<int64_t>(L.rows * L.cols * sizeof(scalar_t), 64 * 1024);
     if (L.ldw == L.cols) {
-      const char* p = static_cast<const char*>(L.W);
-      const int64_t n = std::min<int64_t>(L.rows * L.cols * sizeof(scalar_t), kMax);
-      for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 0, 3);
+      for (int64_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch(static_cast<const char*>(L.W) + i, 0, 3);
     }
     if (update && L.ldg == L.cols && L.scg == 1) {
-      const char* p = static_cast<const char*>(L.G);
-      const int64_t n = std::min<int64_t>(L.rows * L.cols * sizeof(scalar_t), kMax);
-      for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(p + i, 1, 3);
+      for (int64_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch(static_cast<const char*>(L.G) + i, 1, 3);
     }
   }
 

@@ -70,10 +70,8 @@ def train(lam, args, train_set, test_set):
     return model
 
 
-def cost_per_step(model, reps: int):
-    """Median time of the regularizer alone, fused versus the naive loop, on the model's weights."""
-    weights = se.collect_weights(model)
-    params = [w for _, w in weights]
+def cost_per_step(params, reps: int):
+    """Median time of the regularizer alone, fused versus the naive loop, on these weights."""
     for p in params:
         p.grad = torch.zeros_like(p)
     results = {}
@@ -113,11 +111,11 @@ def main(argv=None):
     model = train(args.lam, args, train_set, test_set)
     print(f"\n(training took {time.perf_counter() - t0:.1f} s)")
 
-    n = sum(w.numel() for _, w in se.collect_weights(model))
-    print(f"\nregularizer cost per step on this CNN ({len(se.collect_weights(model))} weights, "
-          f"{n} parameters), median of {args.reps}; backend auto = "
-          f"{se.resolve_backend([w for _, w in se.collect_weights(model)])}")
-    res = cost_per_step(model, args.reps)
+    params = [w for _, w in se.collect_weights(model)]
+    print(f"\nregularizer cost per step on this CNN ({len(params)} weights, "
+          f"{sum(w.numel() for w in params)} parameters), median of {args.reps}; "
+          f"backend auto = {se.resolve_backend(params)}")
+    res = cost_per_step(params, args.reps)
     naive = res["naive per-layer loop"]
     for name, t in res.items():
         print(f"  {name:26s} {t * 1e6:9.1f} us   {naive / t:5.1f}x")
