@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum requirements-dev.txt | cut -d' ' -f1)
 # never let a caller's PYTHONPATH put the source tree in front of the installed package
 RUN    := env -u PYTHONPATH
 
-.PHONY: setup wheel install demo test bench cmake-check clean
+.PHONY: setup wheel install demo test bench bench-suite cmake-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,14 +31,20 @@ demo: install
 	$(RUN) $(PY) -P -m spectral_ext.experiments.digits
 
 # the whole suite against the installed wheel (`pytest`, not `python -m pytest`, keeps the
-# source tree off sys.path; tests/test_installed.py checks it)
+# source tree off sys.path, and pyproject.toml's --import-mode=append keeps benchmarks/ from
+# putting it first; tests/test_installed.py checks it), and the benchmark suites once each as
+# plain tests on their small sets
 test: install
-	$(RUN) $(VENV)/bin/pytest tests -p no:cacheprovider -q -rs
+	$(RUN) $(VENV)/bin/pytest tests benchmarks -p no:cacheprovider -q -rs --benchmark-disable
 
 # the benchmark table (benchmarks/RESULTS.md says what was measured); the repo root goes at the
 # END of sys.path, so the installed spectral_ext is imported and benchmarks/ is found.
 bench: install
 	$(RUN) $(PY) -P -c "import runpy, sys; sys.path.append('.'); runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)" $(ARGS)
+
+# the pytest-benchmark suites, timed (ARGS="--bench-sets resnet50 --benchmark-json out.json")
+bench-suite: install
+	$(RUN) $(VENV)/bin/pytest benchmarks -p no:cacheprovider -q --benchmark-only $(ARGS)
 
 # CMakeLists.txt builds the same sources (checked in CI so it does not rot), here as the portable
 # (-march baseline) variant, so both configurations are compiled in CI

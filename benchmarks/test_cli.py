@@ -1,0 +1,24 @@
+"""`python -m benchmarks` (make bench) prints its table and writes consistent JSON."""
+
+import json
+
+from .__main__ import main
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--sets", "nin", "--dtype", "float32,bfloat16", "--no-step", "--devices", "cpu",
+          "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "naive ms" in text and "grouped ms" in text and "\nnin " in text
+    data = json.loads(out.read_text())
+    assert [t["dtype"] for t in data["tables"]] == ["float32", "bfloat16"]
+    for table in data["tables"]:
+        (row,) = table["rows"]
+        assert row["layers"] == 9 and row["params"] == 965568
+        assert row["floor_s"] > 0 and row["bandwidth_Bps"] > 0
+        for name in ("naive", "grouped"):
+            assert row[f"{name}_s"] > 0
+            assert row[f"{name}_count"] > row["layers"]   # several ops per layer
+        for key in [k for k in row if k.endswith("_count") and k[:-6] not in ("naive", "grouped")]:
+            assert row[key] == 1, f"{key}: a native backend is one op per step"
