@@ -2,7 +2,8 @@
 memory floor, on the weight sets of real models; then whole training steps.
 
     python -m benchmarks [--sets a,b] [--backends cpu,reference] [--dtype float32,bfloat16]
-                         [--n-iter 1] [--devices cpu,cuda] [--no-step] [--json PATH]
+                         [--n-iter 1] [--devices cpu,cuda] [--no-step] [--no-estimators]
+                         [--json PATH]
     make bench ARGS="--sets resnet50 --dtype bfloat16"
 
 One table per device and dtype.  Rows: weight sets (benchmarks/models.py).  Columns: median time
@@ -13,6 +14,10 @@ bytes = (itemsize(W) * (n_iter + 1) + 2 * itemsize(grad)) per parameter (16 byte
 parameter for n_iter = 1) and the bandwidth of a large copy (2 * size bytes moved) measured in
 the same interleaved rounds as the steps.  CPU: time.perf_counter around batches of steps; CUDA:
 CUDA events around batches after warm-up; each number is a median over rounds.
+
+Then, per device: whole training steps without a regularizer, with the naive loop and with the
+fused step (benchmarks/step.py), and one iteration of the Hessian and Jacobian estimators against
+one forward+backward pass (benchmarks/estimators.py).
 """
 
 import argparse
@@ -24,7 +29,7 @@ import torch
 
 import spectral_ext as se
 
-from . import harness, step
+from . import estimators, harness, step
 from .models import SETS
 
 
@@ -84,6 +89,20 @@ def run_steps(device):
     return rows
 
 
+def run_estimators(device):
+    rows = []
+    for name, (_, shape, devices) in step.MODELS.items():
+        if device.type not in devices:
+            continue
+        t = harness.interleaved_medians(estimators.estimator_impls(name, device), device,
+                                        rounds=11)
+        rows.append({"model": name, "input": list(shape), **{f"{k}_s": v for k, v in t.items()}})
+        print(f"{name:11s} {str(tuple(shape)):17s} {t['fwd+bwd'] * 1e3:11.3f} "
+              f"{t['hvp'] * 1e3:11.3f} {t['jvp+vjp'] * 1e3:11.3f} "
+              f"{t['hvp'] / t['fwd+bwd']:11.2f}x {t['jvp+vjp'] / t['fwd+bwd']:11.2f}x")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sets", default=",".join(SETS))
@@ -93,6 +112,8 @@ def main(argv=None):
     p.add_argument("--n-iter", type=int, default=1)
     p.add_argument("--devices", default=None, help="default: cpu, and cuda when there is a GPU")
     p.add_argument("--no-step", action="store_true", help="skip the whole-training-step table")
+    p.add_argument("--no-estimators", action="store_true",
+                   help="skip the Hessian/Jacobian estimator iteration table")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     sets = args.sets.split(",")
@@ -118,7 +139,7 @@ def main(argv=None):
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     print(", ".join(f"{k} {v}" for k, v in info.items()))
-    out = {"info": info, "n_iter": args.n_iter, "tables": [], "steps": []}
+    out = {"info": info, "n_iter": args.n_iter, "tables": [], "steps": [], "estimators": []}
     for dev in devices:
         device = torch.device(dev)
         backends = (args.backends.split(",") if args.backends else harness.native_backends(device))
@@ -140,6 +161,12 @@ def main(argv=None):
             print(f"{'model':11s} {'input':17s}" + "".join(f" {k:>11s}" for k in STEP_COLUMNS)
                   + f" {'naive share':>12s} {'fused share':>12s}")
             out["steps"].append({"device": dev, "rows": run_steps(device)})
+        if not args.no_estimators:
+            print(f"\ndevice {dev}: one estimator iteration against one forward+backward pass, "
+                  "float32, ms (spectral_ext.hessian / spectral_ext.jacobian)")
+            print(f"{'model':11s} {'input':17s} {'fwd+bwd':>11s} {'hvp':>11s} {'jvp+vjp':>11s} "
+                  f"{'hvp/fb':>12s} {'jvp+vjp/fb':>12s}")
+            out["estimators"].append({"device": dev, "rows": run_estimators(device)})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

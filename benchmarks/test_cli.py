@@ -7,7 +7,8 @@ from .__main__ import main
 
 def test_cli_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["--sets", "nin", "--dtype", "float32,bfloat16", "--no-step", "--devices", "cpu",
+    main(["--sets", "nin", "--dtype", "float32,bfloat16", "--no-step", "--no-estimators",
+          "--devices", "cpu",
           "--json", str(out)])
     text = capsys.readouterr().out
     assert "naive ms" in text and "grouped ms" in text and "\nnin " in text

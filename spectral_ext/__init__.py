@@ -4,10 +4,14 @@ Spectral norm regularization (Yoshida & Miyato 2017, arXiv:1705.10941) penalizes
 lam/2 * sum_l sigma(W_l)^2; each step runs one power iteration per layer, reusing the previous
 vector, and adds lam * sigma * u v^T to each weight's gradient.  ``fused_step`` does this for all
 layers in one call.
+
+The related methods, each an estimator and a regularizer on one power-iteration core:
+``hessian`` (spectral radius of the loss Hessian), ``jacobian`` (exact spectral norm of the
+input-output Jacobian) and ``slope`` (the slope of a network).
 """
 
 from . import _ops  # noqa: F401  (defines the torch.library ops and loads the kernels)
-from . import reference
+from . import hessian, jacobian, reference, slope
 from .functional import (BACKENDS, Backend, available_backends, fused_step, resolve_backend,
                          spectral_norms, spectral_norms_with_vectors)
 from .reference import init_vectors
@@ -19,4 +23,5 @@ __all__ = [
     "fused_step", "spectral_norms", "spectral_norms_with_vectors", "available_backends",
     "resolve_backend", "Backend", "BACKENDS", "init_vectors", "reference",
     "SpectralNormRegularizer", "DEFAULT_MODULE_TYPES", "collect_weights",
+    "hessian", "jacobian", "slope",
 ]

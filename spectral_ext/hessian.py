@@ -1,0 +1,214 @@
+"""The spectral radius of the loss Hessian, as an estimator and as a regularizer
+(Sandler, Klabjan & Luo, arXiv:2102.11210).
+
+    rho, v = hessian.spectral_radius(loss_fn, params, n_iter=20, tol=1e-3)
+    reg = hessian.SpectralRadiusRegularizer(mu=0.01)
+    total = reg(loss_fn, params)        # loss_fn() + mu * rho, differentiable
+    total.backward()
+
+rho = max |lambda_i(H)|, H = d^2 loss / d params^2, by power iteration (or Lanczos) on
+Hessian-vector products: the gradient graph of one forward/backward is built once
+(``create_graph=True``) and each iteration is one more backward through it (double backward).
+
+The regularizer follows the paper: with the top eigenvector v held fixed, d rho / d theta =
+sign(lambda) * d (v^T H v) / d theta, a third-order term.  ``grad_method="autograd"`` obtains it by
+differentiating the HVP (one more backward through the double-backward graph);
+``grad_method="finite_difference"`` uses the cheaper central difference of gradients along v,
+    d (v^T H v) / d theta ~ (g(theta + eps v) - 2 g(theta) + g(theta - eps v)) / eps^2,
+two extra gradient evaluations of loss_fn at perturbed parameters (restored exactly after).
+"""
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import _power
+
+__all__ = ["hvp_operator", "spectral_radius", "rayleigh_quotient", "SpectralRadiusRegularizer"]
+
+METHODS = ("power", "lanczos")
+
+
+def _check_params(params) -> List[torch.Tensor]:
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: need at least one tensor to differentiate against")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, not a tensor")
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] does not require grad: the Hessian is taken with "
+                             "respect to params, so each must have requires_grad=True")
+        if not p.is_floating_point():
+            raise TypeError(f"params[{i}] has dtype {p.dtype}; need a floating-point dtype")
+    return params
+
+
+def _check_loss(loss) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("loss_fn() must return a scalar tensor, got "
+                         f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+    return loss.reshape(())
+
+
+def _check_common(n_iter, tol, method):
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
+        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be None or a positive number, got {tol!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _check_vector(v0, params, name="v0") -> List[torch.Tensor]:
+    v0 = list(v0)
+    if len(v0) != len(params) or any(a.shape != p.shape for a, p in zip(v0, params)):
+        raise ValueError(f"{name} must be a list of tensors shaped like params: got shapes "
+                         f"{[tuple(a.shape) for a in v0]} for params {[tuple(p.shape) for p in params]}")
+    return [a.detach().to(device=p.device, dtype=p.dtype) for a, p in zip(v0, params)]
+
+
+def hvp_operator(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                 create_graph: bool = False) -> Callable[[List[torch.Tensor]], List[torch.Tensor]]:
+    """v -> H v from gradients computed with ``create_graph=True`` (the graph is kept for
+    further products).  A gradient that does not depend on the parameters (a loss linear in
+    them) contributes zero."""
+    pairs = [i for i, g in enumerate(grads) if g.requires_grad]
+
+    def hvp(v):
+        if not pairs:
+            return [torch.zeros_like(p) for p in params]
+        hv = torch.autograd.grad([grads[i] for i in pairs], params,
+                                 grad_outputs=[v[i] for i in pairs], retain_graph=True,
+                                 create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(p) if h is None else h for h, p in zip(hv, params)]
+    return hvp
+
+
+def _gradients(loss_fn, params, create_graph: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    with torch.enable_grad():
+        loss = _check_loss(loss_fn())
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    return loss, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _iterate(hvp, v0, n_iter, tol, method, check_every):
+    if method == "lanczos":
+        dim = sum(t.numel() for t in v0)
+        return _power.lanczos(hvp, v0, min(n_iter, dim), tol, check_every)
+    return _power.power_iteration(hvp, v0, n_iter, tol, check_every)
+
+
+def spectral_radius(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                    n_iter: int = 20, tol: Optional[float] = 1e-3,
+                    v0: Optional[Sequence[torch.Tensor]] = None, method: str = "power",
+                    check_every: int = 5, generator: Optional[torch.Generator] = None
+                    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(rho, v): rho = max |lambda(H)| (0-d tensor) of the Hessian of loss_fn() with respect to
+    params, and the unit eigenvector v (a list shaped like params; pass it back as v0 to warm
+    start).  ``method="lanczos"`` converges in fewer iterations at the cost of n_iter stored
+    vectors.  ``tol``: stop when the relative change of rho is <= tol, checked every
+    check_every iterations (one host sync per check); ``tol=None`` runs exactly n_iter
+    iterations with no host synchronisation.  Nothing here changes the parameters' .grad."""
+    params = _check_params(params)
+    _check_common(n_iter, tol, method)
+    _, grads = _gradients(loss_fn, params, create_graph=True)
+    v0 = (_power.random_like(params, generator=generator) if v0 is None
+          else _check_vector(v0, params))
+    res = _iterate(hvp_operator(grads, params), v0, n_iter, tol, method, check_every)
+    return res.value, res.vector
+
+
+def rayleigh_quotient(loss_fn, params, v) -> torch.Tensor:
+    """v^T H v / v^T v (signed; 0-d tensor): the eigenvalue itself when v is an eigenvector."""
+    params = _check_params(params)
+    v = _check_vector(v, params, "v")
+    _, grads = _gradients(loss_fn, params, create_graph=True)
+    return (_power.dot(v, hvp_operator(grads, params)(v)) / _power.sq_norm(v)).detach()
+
+
+class SpectralRadiusRegularizer(nn.Module):
+    """Adds ``mu * rho(H)`` to a loss, with its gradient, as Sandler, Klabjan & Luo do.
+
+    ``forward(loss_fn, params)`` returns ``loss_fn() + mu * rho``: backward() of it gives the
+    loss's gradient plus ``mu * sign(lambda) * d(v^T H v)/d theta`` with v the top eigenvector,
+    found by ``n_iter`` power (or Lanczos) iterations warm-started from the previous call's v.
+    The vector is kept in the module's state_dict (as extra state).  ``last_rho`` holds the
+    latest estimate (a tensor; reading it is the caller's sync, not ours).
+
+    grad_method: "autograd" (exact third-order term by differentiating the HVP) or
+    "finite_difference" (two extra gradient evaluations and one extra forward; eps defaults to
+    the fourth root of the parameters' machine epsilon, the usual step for a second
+    difference).
+    """
+
+    def __init__(self, mu: float, n_iter: int = 5, method: str = "power",
+                 grad_method: str = "autograd", eps: Optional[float] = None,
+                 tol: Optional[float] = None, check_every: int = 5):
+        super().__init__()
+        if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not mu >= 0:
+            raise ValueError(f"mu must be a non-negative number, got {mu!r}")
+        _check_common(n_iter, tol, method)
+        if grad_method not in ("autograd", "finite_difference"):
+            raise ValueError("grad_method must be 'autograd' or 'finite_difference', "
+                             f"got {grad_method!r}")
+        if eps is not None and not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"eps must be None or a positive number, got {eps!r}")
+        self.mu, self.n_iter, self.method = float(mu), n_iter, method
+        self.grad_method, self.eps, self.tol, self.check_every = grad_method, eps, tol, check_every
+        self.v: Optional[List[torch.Tensor]] = None
+        self.last_rho: Optional[torch.Tensor] = None
+
+    def get_extra_state(self):
+        return {"v": self.v, "last_rho": self.last_rho}
+
+    def set_extra_state(self, state):
+        self.v, self.last_rho = state["v"], state["last_rho"]
+
+    def forward(self, loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor]
+                ) -> torch.Tensor:
+        params = _check_params(params)
+        loss, grads = _gradients(loss_fn, params, create_graph=True)
+        hvp = hvp_operator(grads, params)
+        if self.v is not None and len(self.v) == len(params) and \
+                all(a.shape == p.shape for a, p in zip(self.v, params)):
+            v0 = [a.to(device=p.device, dtype=p.dtype) for a, p in zip(self.v, params)]
+        else:
+            v0 = _power.random_like(params)
+        res = _iterate(hvp, v0, self.n_iter, self.tol, self.method, self.check_every)
+        v = res.vector
+        self.v, self.last_rho = v, res.value
+        if self.grad_method == "autograd":
+            with torch.enable_grad():
+                hv = hvp_operator(grads, params, create_graph=True)(v)
+                q = _power.dot(v, hv)                       # v^T H v, differentiable (3rd order)
+            term = torch.sign(q.detach()) * q
+        else:
+            q = _power.dot(v, hvp(v)).detach()
+            d3 = self._third_derivative_fd(loss_fn, params, v, [g.detach() for g in grads])
+            # the perturbations bumped the parameters' versions, so the first graph cannot be
+            # backpropagated any more: the loss is evaluated once more for the returned total
+            del loss, grads, hvp
+            with torch.enable_grad():
+                loss = _check_loss(loss_fn())
+            # value sign(q) * q = |q|; gradient sign(q) * d3 (through the zero-valued surrogate)
+            term = torch.sign(q) * (q + sum(((p - p.detach()) * d).sum()
+                                            for p, d in zip(params, d3)))
+        return loss + self.mu * term
+
+    def _third_derivative_fd(self, loss_fn, params, v, g0):
+        eps = self.eps if self.eps is not None else torch.finfo(params[0].dtype).eps ** 0.25
+        saved = [p.detach().clone() for p in params]
+        out = []
+        try:
+            for sign in (1.0, -1.0):
+                with torch.no_grad():
+                    for p, s, d in zip(params, saved, v):
+                        p.copy_(s + sign * eps * d)
+                out.append(_gradients(loss_fn, params, create_graph=False)[1])
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        return [(gp - 2 * g + gm) / eps ** 2 for gp, g, gm in zip(out[0], g0, out[1])]

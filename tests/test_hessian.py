@@ -1,0 +1,185 @@
+"""spectral_ext.hessian against dense Hessians (torch.func.hessian + eigvalsh), float64."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from spectral_ext import _power, hessian
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double()
+
+
+def _problem(kind):
+    model = _mlp() if kind == "mlp" else _cnn()
+    x = torch.randn(12, 4, dtype=torch.float64) if kind == "mlp" else \
+        torch.randn(12, 1, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,))
+    params = list(model.parameters())
+    return model, params, (lambda: nn.functional.cross_entropy(model(x), y)), x, y
+
+
+def _dense(model, x, y):
+    """The dense Hessian of the loss as a function of the flat parameter vector, and that
+    function (for autograd of dense quantities)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+
+    def flat_loss(theta):
+        ps, i = [], 0
+        for s in shapes:
+            ps.append(theta[i:i + s.numel()].view(s))
+            i += s.numel()
+        return nn.functional.cross_entropy(functional_call(model, dict(zip(names, ps)), (x,)), y)
+
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return torch.func.hessian(flat_loss)(theta), flat_loss, theta
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_spectral_radius_matches_dense_eigvalsh(kind, method):
+    model, params, loss_fn, x, y = _problem(kind)
+    H, _, _ = _dense(model, x, y)
+    ev = torch.linalg.eigvalsh(H)
+    rho_ref = ev.abs().max()
+    rho, v = hessian.spectral_radius(loss_fn, params, n_iter=300 if method == "power" else 60,
+                                     tol=1e-12, method=method)
+    assert rho.shape == () and len(v) == len(params)
+    assert abs(rho.item() - rho_ref.item()) <= 1e-6 * rho_ref.item()
+    # v is the eigenvector: H v = lambda v with |lambda| = rho
+    vf = torch.cat([t.flatten() for t in v])
+    lam = vf @ H @ vf
+    assert abs(abs(lam.item()) - rho_ref.item()) <= 1e-6 * rho_ref.item()
+    assert torch.linalg.vector_norm(H @ vf - lam * vf) <= 1e-3 * rho_ref
+    assert all(p.grad is None for p in params), "the estimator must not touch .grad"
+
+
+def test_rayleigh_quotient_is_signed_eigenvalue():
+    model, params, loss_fn, x, y = _problem("mlp")
+    H, _, _ = _dense(model, x, y)
+    ev, vecs = torch.linalg.eigh(H)
+    for k in (0, -1):
+        v, i = [], 0
+        for p in params:
+            v.append(vecs[i:i + p.numel(), k].view(p.shape))
+            i += p.numel()
+        q = hessian.rayleigh_quotient(loss_fn, params, v)
+        assert abs(q.item() - ev[k].item()) <= 1e-8 * ev.abs().max().item()
+
+
+def test_power_iteration_on_negative_dominant_eigenvalue():
+    """The largest |lambda| may be negative: rho is its magnitude."""
+    A = torch.diag(torch.tensor([1.0, -3.0, 2.0], dtype=torch.float64))
+    res = _power.power_iteration(lambda v: [A @ v[0]], [torch.ones(3, dtype=torch.float64)], 200)
+    assert abs(res.value.item() - 3.0) < 1e-9
+    assert abs(abs(res.vector[0][1].item()) - 1.0) < 1e-6
+
+
+def test_warm_start_needs_fewer_iterations():
+    model, params, loss_fn, _, _ = _problem("mlp")
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    hvp = hessian.hvp_operator(grads, params)
+    cold = _power.power_iteration(hvp, _power.random_like(params), 500, tol=1e-8, check_every=1)
+    assert cold.iterations < 500, "the cold start did not converge; the test needs a larger cap"
+    # a small step of the parameters, then restart from the converged vector
+    with torch.no_grad():
+        for p in params:
+            p.add_(1e-3 * torch.randn_like(p))
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    hvp = hessian.hvp_operator(grads, params)
+    warm = _power.power_iteration(hvp, cold.vector, 500, tol=1e-8, check_every=1)
+    cold2 = _power.power_iteration(hvp, _power.random_like(params), 500, tol=1e-8, check_every=1)
+    assert warm.iterations < cold2.iterations
+    assert abs(warm.value.item() - cold2.value.item()) <= 1e-6 * cold2.value.item()
+
+
+def test_tolerance_stops_early_and_none_runs_all():
+    model, params, loss_fn, _, _ = _problem("mlp")
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    hvp = hessian.hvp_operator(grads, params)
+    calls = []
+    counted = lambda v: (calls.append(1), hvp(v))[1]
+    res = _power.power_iteration(counted, _power.random_like(params), 1000, tol=1e-3, check_every=5)
+    assert res.iterations < 1000 and res.iterations % 5 == 0 and len(calls) == res.iterations
+    calls.clear()
+    res = _power.power_iteration(counted, _power.random_like(params), 7, tol=None)
+    assert res.iterations == 7 and len(calls) == 7
+
+
+@pytest.mark.parametrize("grad_method", ["autograd", "finite_difference"])
+def test_regularizer_gradient_matches_autograd_of_dense_rho(grad_method):
+    """d/dtheta [loss + mu * rho(theta)] against autograd through the dense Hessian's
+    eigvalsh (the top eigenvalue is simple for these random problems)."""
+    model, params, loss_fn, x, y = _problem("mlp")
+    mu = 0.3
+    reg = hessian.SpectralRadiusRegularizer(mu=mu, n_iter=400, tol=1e-13, check_every=1,
+                                            grad_method=grad_method)
+    total = reg(loss_fn, params)
+    total.backward()
+    got = torch.cat([p.grad.flatten() for p in params])
+
+    H, flat_loss, theta = _dense(model, x, y)
+    theta = theta.clone().requires_grad_(True)
+    ev = torch.linalg.eigvalsh(torch.func.hessian(flat_loss)(theta))
+    ref_total = flat_loss(theta) + mu * ev.abs().max()
+    (ref,) = torch.autograd.grad(ref_total, theta)
+    assert abs(total.item() - ref_total.item()) <= 1e-8 * abs(ref_total.item())
+    tol = 1e-6 if grad_method == "autograd" else 1e-4   # O(eps^2) truncation of the difference
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert err <= tol, f"relative gradient error {err:.2e}"
+    assert reg.last_rho is not None and abs(reg.last_rho.item() - ev.abs().max().item()) < 1e-8
+
+
+def test_finite_difference_restores_parameters_exactly():
+    model, params, loss_fn, _, _ = _problem("mlp")
+    before = [p.detach().clone() for p in params]
+    reg = hessian.SpectralRadiusRegularizer(mu=0.1, n_iter=3, grad_method="finite_difference")
+    reg(loss_fn, params).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_regularizer_warm_starts_and_state_dict_round_trips():
+    """A regularizer loaded from another's state_dict continues from its vector: both make the
+    same next step (a cold start would draw a new random vector)."""
+    model, params, loss_fn, _, _ = _problem("mlp")
+    reg = hessian.SpectralRadiusRegularizer(mu=0.1, n_iter=3)
+    reg(loss_fn, params)
+    other = hessian.SpectralRadiusRegularizer(mu=0.1, n_iter=3)
+    other.load_state_dict(reg.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.v, reg.v))
+    assert torch.equal(other.last_rho, reg.last_rho)
+    a, b = reg(loss_fn, params), other(loss_fn, params)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(reg.v, other.v))
+    cold = hessian.SpectralRadiusRegularizer(mu=0.1, n_iter=3)
+    cold(loss_fn, params)
+    assert not all(torch.equal(x, y) for x, y in zip(reg.v, cold.v))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(n_iter=0), "n_iter"), (dict(tol=-1.0), "tol"), (dict(method="qr"), "method"),
+])
+def test_spectral_radius_rejects_bad_arguments(bad, match):
+    _, params, loss_fn, _, _ = _problem("mlp")
+    with pytest.raises(ValueError, match=match):
+        hessian.spectral_radius(loss_fn, params, **bad)
+
+
+def test_rejects_bad_params_and_loss():
+    _, params, loss_fn, _, _ = _problem("mlp")
+    with pytest.raises(ValueError, match="requires_grad"):
+        hessian.spectral_radius(loss_fn, [torch.zeros(3)])
+    with pytest.raises(ValueError, match="empty"):
+        hessian.spectral_radius(loss_fn, [])
+    with pytest.raises(ValueError, match="scalar"):
+        hessian.spectral_radius(lambda: torch.ones(2, requires_grad=True) * params[0].sum(), params)
+    with pytest.raises(ValueError, match="shaped like params"):
+        hessian.spectral_radius(loss_fn, params, v0=[torch.ones(2)])
+    with pytest.raises(ValueError, match="mu"):
+        hessian.SpectralRadiusRegularizer(mu=-1.0)

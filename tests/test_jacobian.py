@@ -1,0 +1,144 @@
+"""spectral_ext.jacobian against dense per-sample Jacobians (torch.func.jacrev + svdvals), float64."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from spectral_ext import jacobian
+
+
+def _grads(out, params):
+    """Gradients with zeros for parameters the quantity does not depend on (the Jacobian does
+    not depend on the last layer's bias)."""
+    gs = torch.autograd.grad(out, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, 4)).double()
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 4)).double()
+
+
+def _case(kind, batch=6):
+    if kind == "mlp":
+        return _mlp(), torch.randn(batch, 5, dtype=torch.float64)
+    return _cnn(), torch.randn(batch, 2, 5, 5, dtype=torch.float64)
+
+
+def _dense_jacobians(model, x, params=None):
+    f = model if params is None else (lambda xi: functional_call(model, params, (xi,)))
+    J = vmap(jacrev(lambda xi: f(xi.unsqueeze(0)).squeeze(0)))(x)
+    return J.reshape(x.shape[0], -1, x[0].numel())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_spectral_norm_matches_svdvals(kind):
+    model, x = _case(kind)
+    ref = torch.linalg.svdvals(_dense_jacobians(model, x))[:, 0]
+    sig = jacobian.spectral_norm(model, x, n_iter=500, tol=1e-12, check_every=1)
+    assert sig.shape == (x.shape[0],)
+    torch.testing.assert_close(sig, ref.detach(), rtol=1e-6, atol=0)
+
+
+def test_singular_vectors_satisfy_jv_eq_sigma_u():
+    model, x = _case("mlp")
+    sig, u, v, _ = jacobian.spectral_norm_with_vectors(model, x, n_iter=500, tol=1e-12,
+                                                        check_every=1)
+    J = _dense_jacobians(model, x).detach()
+    torch.testing.assert_close(torch.einsum("bij,bj->bi", J, v.reshape(len(x), -1)),
+                               sig[:, None] * u, rtol=1e-5, atol=1e-8)
+
+
+def test_batched_equals_per_sample():
+    model, x = _case("cnn")
+    v0 = torch.randn_like(x)
+    batched = jacobian.spectral_norm(model, x, n_iter=30, v0=v0)
+    single = torch.cat([jacobian.spectral_norm(model, x[i:i + 1], n_iter=30, v0=v0[i:i + 1])
+                        for i in range(len(x))])
+    torch.testing.assert_close(batched, single, rtol=1e-12, atol=0)
+
+
+def test_warm_start_converges_in_fewer_iterations():
+    model, x = _case("mlp")
+    _, _, v, it_cold = jacobian.spectral_norm_with_vectors(model, x, n_iter=1000, tol=1e-9,
+                                                           check_every=1)
+    assert it_cold < 1000
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    _, _, _, it_warm = jacobian.spectral_norm_with_vectors(model, x, n_iter=1000, v0=v,
+                                                           tol=1e-9, check_every=1)
+    _, _, _, it_cold2 = jacobian.spectral_norm_with_vectors(model, x, n_iter=1000, tol=1e-9,
+                                                            check_every=1)
+    assert it_warm < it_cold2
+
+
+def test_regularizer_gradient_matches_autograd_of_dense_svdvals():
+    model, x = _case("mlp")
+    lam = 0.7
+    reg = jacobian.JacobianSpectralNormRegularizer(lam=lam, n_iter=500)
+    term = reg(model, x)
+    params = dict(model.named_parameters())
+    grads = _grads(term, list(params.values()))
+
+    ref_term = lam * torch.linalg.svdvals(_dense_jacobians(model, x, params))[:, 0].pow(2).mean()
+    ref = _grads(ref_term, list(params.values()))
+    torch.testing.assert_close(term, ref_term, rtol=1e-8, atol=0)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-9)
+
+
+def test_regularizer_keeps_per_sample_vectors():
+    model, x = _case("mlp", batch=4)
+    reg = jacobian.JacobianSpectralNormRegularizer(lam=0.1, n_iter=2, num_samples=10)
+    idx = torch.tensor([7, 2, 5, 0])
+    reg(model, x, index=idx)
+    kept = reg.vectors.clone()
+    untouched = [i for i in range(10) if i not in idx.tolist()]
+    reg(model, x, index=idx)            # 2 more iterations from the kept vectors
+    assert torch.equal(reg.vectors[untouched], kept[untouched])
+    sig = jacobian.spectral_norm(model, x, n_iter=2, v0=kept[idx])
+    torch.testing.assert_close(reg.last_sigma, sig, rtol=1e-12, atol=0)
+    other = jacobian.JacobianSpectralNormRegularizer(lam=0.1, n_iter=2, num_samples=10)
+    other.load_state_dict(reg.state_dict())
+    assert torch.equal(other.vectors, reg.vectors)
+
+
+def test_frobenius_estimate_is_unbiased():
+    """With many projections the random-projection estimate approaches ||J||_F^2 (each term
+    has relative std about sqrt(2 / outputs); 4000 of them give about 1%)."""
+    model, x = _case("mlp")
+    ref = torch.linalg.matrix_norm(_dense_jacobians(model, x)).pow(2).detach()
+    gen = torch.Generator().manual_seed(0)
+    est = jacobian.frobenius_norm_sq(model, x, n_proj=4000, generator=gen)
+    torch.testing.assert_close(est, ref, rtol=0.05, atol=0)
+
+
+def test_frobenius_regularizer_is_differentiable():
+    model, x = _case("mlp")
+    term = jacobian.JacobianFrobeniusRegularizer(lam=0.5, n_proj=2)(model, x)
+    grads = _grads(term, list(model.parameters()))
+    assert term.item() > 0 and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
+
+
+def test_bad_input():
+    model, x = _case("mlp")
+    with pytest.raises(ValueError, match="n_iter"):
+        jacobian.spectral_norm(model, x, n_iter=0)
+    with pytest.raises(ValueError, match="v0"):
+        jacobian.spectral_norm(model, x, v0=torch.ones(3))
+    with pytest.raises(ValueError, match="non-empty"):
+        jacobian.spectral_norm(model, x[:0])
+    with pytest.raises(TypeError, match="floating"):
+        jacobian.spectral_norm(model, torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not depend"):
+        jacobian.spectral_norm(lambda t: torch.ones(t.shape[0], 2), x)
+    with pytest.raises(ValueError, match="num_samples"):
+        jacobian.JacobianSpectralNormRegularizer(lam=0.1)(model, x, index=torch.arange(6))
