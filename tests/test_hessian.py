@@ -49,8 +49,9 @@ def test_spectral_radius_matches_dense_eigvalsh(kind, method):
     H, _, _ = _dense(model, x, y)
     ev = torch.linalg.eigvalsh(H)
     rho_ref = ev.abs().max()
-    rho, v = hessian.spectral_radius(loss_fn, params, n_iter=300 if method == "power" else 60,
-                                     tol=1e-12, method=method)
+    # power iteration converges as (lambda_2 / lambda_1)^k: random problems can have small gaps
+    rho, v = hessian.spectral_radius(loss_fn, params, n_iter=5000 if method == "power" else 60,
+                                     tol=1e-14, method=method)
     assert rho.shape == () and len(v) == len(params)
     assert abs(rho.item() - rho_ref.item()) <= 1e-6 * rho_ref.item()
     # v is the eigenvector: H v = lambda v with |lambda| = rho
@@ -83,21 +84,22 @@ def test_power_iteration_on_negative_dominant_eigenvalue():
 
 
 def test_warm_start_needs_fewer_iterations():
-    model, params, loss_fn, _, _ = _problem("mlp")
-    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
-    hvp = hessian.hvp_operator(grads, params)
-    cold = _power.power_iteration(hvp, _power.random_like(params), 500, tol=1e-8, check_every=1)
-    assert cold.iterations < 500, "the cold start did not converge; the test needs a larger cap"
-    # a small step of the parameters, then restart from the converged vector
+    """After a small parameter step, 3 iterations from the previous eigenvector are far closer
+    to the dense rho than 3 from a random vector (so a tolerance is met sooner).  A smooth
+    network: a ReLU pattern may flip under the step and move the Hessian discontinuously."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    params = list(model.parameters())
+    loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
+    _, v = hessian.spectral_radius(loss_fn, params, n_iter=60, tol=1e-13, method="lanczos")
     with torch.no_grad():
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
-    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
-    hvp = hessian.hvp_operator(grads, params)
-    warm = _power.power_iteration(hvp, cold.vector, 500, tol=1e-8, check_every=1)
-    cold2 = _power.power_iteration(hvp, _power.random_like(params), 500, tol=1e-8, check_every=1)
-    assert warm.iterations < cold2.iterations
-    assert abs(warm.value.item() - cold2.value.item()) <= 1e-6 * cold2.value.item()
+    exact = torch.linalg.eigvalsh(_dense(model, x, y)[0]).abs().max().item()
+    err = lambda rho: abs(rho.item() - exact) / exact
+    warm = err(hessian.spectral_radius(loss_fn, params, n_iter=3, tol=None, v0=v)[0])
+    cold = err(hessian.spectral_radius(loss_fn, params, n_iter=3, tol=None)[0])
+    assert warm <= 1e-3 and warm < cold / 10, (warm, cold)
 
 
 def test_tolerance_stops_early_and_none_runs_all():
@@ -119,7 +121,8 @@ def test_regularizer_gradient_matches_autograd_of_dense_rho(grad_method):
     eigvalsh (the top eigenvalue is simple for these random problems)."""
     model, params, loss_fn, x, y = _problem("mlp")
     mu = 0.3
-    reg = hessian.SpectralRadiusRegularizer(mu=mu, n_iter=400, tol=1e-13, check_every=1,
+    # Lanczos over the whole (51-dimensional) space: v exact to rounding, whatever the gap
+    reg = hessian.SpectralRadiusRegularizer(mu=mu, n_iter=60, method="lanczos",
                                             grad_method=grad_method)
     total = reg(loss_fn, params)
     total.backward()

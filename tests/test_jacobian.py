@@ -65,18 +65,23 @@ def test_batched_equals_per_sample():
 
 
 def test_warm_start_converges_in_fewer_iterations():
-    model, x = _case("mlp")
-    _, _, v, it_cold = jacobian.spectral_norm_with_vectors(model, x, n_iter=1000, tol=1e-9,
-                                                           check_every=1)
-    assert it_cold < 1000
+    """After a small parameter step, 3 iterations from the previous singular vectors are far
+    closer to the exact sigma than 3 from random vectors (so a tolerance is met sooner).  A
+    smooth network (a ReLU pattern may flip under the step, moving J discontinuously), and the
+    median error over the batch (one sample may have nearly equal top singular values)."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x = torch.randn(16, 5, dtype=torch.float64)
+    _, _, v, it = jacobian.spectral_norm_with_vectors(model, x, n_iter=2000, tol=1e-12,
+                                                      check_every=1)
+    assert it < 2000
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1e-3 * torch.randn_like(p))
-    _, _, _, it_warm = jacobian.spectral_norm_with_vectors(model, x, n_iter=1000, v0=v,
-                                                           tol=1e-9, check_every=1)
-    _, _, _, it_cold2 = jacobian.spectral_norm_with_vectors(model, x, n_iter=1000, tol=1e-9,
-                                                            check_every=1)
-    assert it_warm < it_cold2
+    exact = torch.linalg.svdvals(_dense_jacobians(model, x))[:, 0].detach()
+    err = lambda s: ((s - exact).abs() / exact).median().item()
+    warm = err(jacobian.spectral_norm(model, x, n_iter=3, v0=v))
+    cold = err(jacobian.spectral_norm(model, x, n_iter=3))
+    assert warm <= 1e-4 and warm < cold / 10, (warm, cold)
 
 
 def test_regularizer_gradient_matches_autograd_of_dense_svdvals():
