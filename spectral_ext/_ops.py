@@ -10,6 +10,9 @@ Ops (namespace ``spectral_ext``):
     Functional: ``(sigma [L], us, vs_new)``; mutates nothing.  Differentiable in the weights with
     dsigma_l/dW_l = u_l v_l^T (u, v held constant, as in the paper).
 
+``fused_step_triton(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, int n_iter) -> Tensor``
+    The same step with the Triton kernels (registered only when Triton imports; float32 sigma).
+
 Kernels: the C++ extension ``spectral_ext._C`` registers CPU kernels when it loads; the pure-PyTorch
 reference is registered as the default kernel, so the ops run on any device.  Outputs: sigma is
 float32, or float64 if any weight is float64; us are in each layer's accumulation dtype (float64
@@ -112,3 +115,31 @@ else:
         CPU_OPENMP = bool(_C.openmp())
     except ImportError as exc:  # a source checkout that was never built, or a torch ABI mismatch
         CPU_EXTENSION_ERROR = f"the C++ extension spectral_ext._C did not load: {exc}"
+
+
+# ---- the Triton backend (optional) --------------------------------------------------------------
+
+#: None when the Triton op is registered, else why not (Triton is an optional dependency).
+TRITON_ERROR = None
+try:
+    from .triton_kernels import fused_step_forward as _triton_fused_step_forward
+except ImportError as exc:
+    TRITON_ERROR = f"Triton is not importable ({exc}); pip install triton"
+else:
+    from typing import List
+
+    # An opaque custom op, not torch.library.triton_op: the kernels address the layers through a
+    # device table of data pointers (one launch for any number of layers), and a FakeTensor has
+    # no data pointer, so torch.compile cannot trace into the host code; it would also not see
+    # the writes made through the table.  Opaque, the op keeps a compiled graph whole
+    # (fullgraph=True works), with its mutations of vs and grads declared here.
+    @torch.library.custom_op("spectral_ext::fused_step_triton", mutates_args=("vs", "grads"))
+    def fused_step_triton(weights: List[torch.Tensor], vs: List[torch.Tensor],
+                          grads: List[torch.Tensor], lam: float, n_iter: int) -> torch.Tensor:
+        """fused_step with the Triton kernels (spectral_ext.triton_kernels): float32, float16 and
+        bfloat16 weights; the caller has checked the inputs."""
+        return _triton_fused_step_forward(weights, vs, grads, lam, n_iter)
+
+    @fused_step_triton.register_fake
+    def _fused_step_triton_fake(weights, vs, grads, lam, n_iter):
+        return weights[0].new_empty((len(weights),), dtype=torch.float32)

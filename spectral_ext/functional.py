@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import os
+
 import torch
 
 from . import _checks, _ops, reference
@@ -17,7 +19,26 @@ __all__ = ["fused_step", "spectral_norms", "available_backends", "resolve_backen
            "BACKENDS"]
 
 #: every backend name ``fused_step`` accepts besides "auto"
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_status() -> Tuple[bool, str]:
+    """(can run here, what it is or why not) for the Triton backend."""
+    if _ops.TRITON_ERROR is not None:
+        return False, _ops.TRITON_ERROR
+    if torch.cuda.is_available():
+        return True, "Triton kernels for CUDA tensors (float32/float16/bfloat16 weights)"
+    if _triton_interpret():
+        return True, ("Triton kernels in the interpreter (TRITON_INTERPRET=1): CPU tensors, "
+                      "slow; for tests")
+    return False, ("no CUDA GPU here (TRITON_INTERPRET=1 runs the kernels in Triton's "
+                   "interpreter on CPU tensors)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,7 @@ def available_backends() -> Dict[str, Backend]:
         out["cpu"] = Backend("cpu", True, f"C++ kernel for CPU tensors ({omp}, {arch})")
     else:
         out["cpu"] = Backend("cpu", False, _ops.CPU_EXTENSION_ERROR)
+    out["triton"] = Backend("triton", *_triton_status())
     return out
 
 
@@ -50,12 +72,27 @@ def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> s
     if backend == "auto":
         if device.type == "cpu" and _ops.CPU_EXTENSION_ERROR is None:
             return "cpu"
+        if device.type == "cuda" and _ops.TRITON_ERROR is None and \
+                all(w.dtype in _TRITON_DTYPES for w in weights):
+            return "triton"
         return "reference"
     if backend == "cpu":
         if _ops.CPU_EXTENSION_ERROR is not None:
             raise RuntimeError(f"backend 'cpu' is unavailable: {_ops.CPU_EXTENSION_ERROR}")
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' needs CPU tensors, but the weights are on {device}")
+    if backend == "triton":
+        ok, detail = _triton_status()
+        if not ok:
+            raise RuntimeError(f"backend 'triton' is unavailable: {detail}")
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+            raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors under "
+                             f"TRITON_INTERPRET=1), but the weights are on {device}")
+        for i, w in enumerate(weights):   # other bad dtypes are left to the general checks
+            if w.dtype == torch.float64:
+                raise TypeError(f"backend 'triton' takes float32, float16 and bfloat16 weights; "
+                                f"weights[{i}] is torch.float64 (use backend 'cpu' or "
+                                "'reference')")
     return backend
 
 
@@ -77,6 +114,12 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
     name = resolve_backend(weights, backend)
     if name == "reference" or not weights:
         return reference.fused_step(weights, vs, lam=lam, n_iter=n_iter, grads=grads)
+    if name == "triton":
+        weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam,
+                                                                        n_iter)
+        grads = _checks.resolve_grads(weights, grads)
+        with torch.no_grad():
+            return _ops.fused_step_triton(weights, vs, grads, lam, n_iter)
     # A native kernel checks every tensor itself (csrc/spectral_ext.h: same rules, same messages)
     # before it changes anything; a per-layer loop of Python checks would cost more than the
     # kernel on many small layers.  Only creating a missing .grad needs the checks first.
@@ -110,7 +153,7 @@ def spectral_norms_with_vectors(weights, vs, n_iter: int = 1, *, backend: str = 
     name = resolve_backend(weights, backend)
     if not weights:
         return torch.empty(0), [], []
-    if name == "reference":
+    if name in ("reference", "triton"):   # no Triton kernel for the functional op (yet)
         sigma, us, vs_new = reference.spectral_norms(weights, vs, n_iter)
     else:
         sigma, us, vs_new = _ops.spectral_norms(weights, [v.detach() for v in vs], n_iter)

@@ -12,6 +12,12 @@ import zlib
 import pytest
 import torch
 
+# Without a GPU the Triton backend's kernels run in Triton's interpreter on CPU tensors.  The
+# variable must be set before the @triton.jit kernels are defined, i.e. before spectral_ext is
+# imported (test modules import it after this file); it is process-wide on purpose.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SEED = int(os.environ.get("SPECTRAL_EXT_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 

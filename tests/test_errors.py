@@ -7,7 +7,7 @@ import torch
 
 import spectral_ext as se
 
-BACKENDS = ["reference"] + [b for b in ("cpu",) if se.available_backends()[b].available]
+BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if se.available_backends()[b].available]
 
 
 def _good():
@@ -99,6 +99,23 @@ def test_backend_cpu_rejects_other_devices():
     with pytest.raises(ValueError, match="backend 'cpu' needs CPU tensors, but the weights are on meta"):
         se.fused_step([w], [torch.empty(4, device="meta")], grads=[torch.empty_like(w)],
                       backend="cpu")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend cannot run here")
+def test_backend_triton_rejects_float64_and_other_devices():
+    ws, vs, gs = _good()
+    w64 = [ws[0].double(), ws[1]]
+    v64 = [vs[0].double(), vs[1]]
+    g64 = [gs[0].double(), gs[1]]
+    snapshot = [t.clone() for t in v64 + g64]
+    with pytest.raises(TypeError, match=re.escape("backend 'triton' takes float32, float16 and "
+                                                  "bfloat16 weights; weights[0] is torch.float64")):
+        se.fused_step(w64, v64, grads=g64, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, v64 + g64))
+    w = torch.randn(3, 4, device="meta")
+    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+        se.fused_step([w], [torch.empty(4, device="meta")], grads=[torch.empty_like(w)],
+                      backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

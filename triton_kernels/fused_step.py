@@ -1,0 +1,157 @@
+"""Triton kernels of the fused spectral-norm step, for all layers of one dtype per launch.
+
+Layers are described by a table on the device (pointers as int64, rows, cols, row strides, and
+offsets into a float32 workspace) and by tile maps (tile -> layer, first row or column), in the
+spirit of apex's multi_tensor_apply: one launch per phase covers every layer, so the launch count
+does not grow with the number of layers (it grows with the number of weight dtypes in the call).
+
+Phases of one power iteration (semantics: spectral_ext.reference):
+  1. ``_rows_kernel``      u_raw = W v                    tiles = (layer, block of rows)
+  2. ``_cols_kernel``      v' = W^T (u_raw / ||u_raw||)   tiles = (layer, block of columns);
+                           each tile sums ||u_raw||^2 itself (rows values: no cross-tile
+                           reduction is needed) and writes its part of ||v'||^2
+  3. ``_finalize_kernel``  sigma = ||v'||, v = v' / sigma, and grad += lam * u v'^T
+                           (= lam * sigma * u v^T, no W needed)     tiles = (layer, block of rows)
+n_iter = 1 is three launches; each further iteration adds three (its finalize updates v only).
+Arithmetic is float32, squared norms are summed in float64 (as in the reference), and
+unlike the C++ kernel nothing forms W^T W v unnormalized, so there is no sigma^2 range limit.
+bf16/fp16 values are upcast with ``.to(tl.float32)`` before any
+arithmetic (the interpreter's bf16 arithmetic is not exact), and gradients are rounded to their
+dtype once.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _layer_ptr(table, layer, DTYPE: tl.constexpr):
+    return tl.load(table + layer).to(tl.pointer_type(DTYPE), bitcast=True)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """float32 -> DTYPE, rounded to nearest even.  bfloat16 by bit operations (NaN -> 0x7FC0, as
+    torch rounds), because Triton's interpreter truncates float32 -> bfloat16 casts."""
+    if DTYPE == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_tab, uoff_tab,
+                 u_raw, W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0)
+    layer = tl.load(tile_layer + t)
+    r0 = tl.load(tile_start + t)
+    rows = tl.load(rows_tab + layer)
+    cols = tl.load(cols_tab + layer)
+    ldw = tl.load(ldw_tab + layer)
+    W = _layer_ptr(w_tab, layer, W_DTYPE)
+    v = _layer_ptr(v_tab, layer, tl.float32)
+    r = r0 + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for c0 in range(0, cols, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < cols
+        w = tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
+                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(v + c, mask=cmask, other=0.0)
+        acc += w * x[None, :]
+    u_off = tl.load(uoff_tab + layer)
+    tl.store(u_raw + u_off + r, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit
+def _cols_kernel(tile_layer, tile_start, tile_index, w_tab, rows_tab, cols_tab, ldw_tab,
+                 uoff_tab, voff_tab, u_raw, v_prime, unorm, partial_v2,
+                 W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0)
+    layer = tl.load(tile_layer + t)
+    c0 = tl.load(tile_start + t)
+    rows = tl.load(rows_tab + layer)
+    cols = tl.load(cols_tab + layer)
+    ldw = tl.load(ldw_tab + layer)
+    u_off = tl.load(uoff_tab + layer)
+    W = _layer_ptr(w_tab, layer, W_DTYPE)
+    # ||u_raw||^2 first (rows values, 1/BLOCK_C of the tile's W traffic), summed in float64 so
+    # that tiny or huge entries neither underflow nor overflow; then v' = W^T (u_raw / ||u_raw||)
+    # with the normalized u, which keeps the products in range
+    u2 = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        u = tl.load(u_raw + u_off + r, mask=r < rows, other=0.0).to(tl.float64)
+        u2 += u * u
+    nrm = tl.sqrt(tl.sum(u2, axis=0)).to(tl.float32)
+    # a zero matrix gives u = 0 (not NaN); a NaN norm propagates (as in reference.py)
+    inv = tl.where(nrm == 0.0, 0.0, 1.0 / nrm)
+    c = c0 + tl.arange(0, BLOCK_C)
+    cmask = c < cols
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < rows
+        u = tl.load(u_raw + u_off + r, mask=rmask, other=0.0) * inv
+        w = tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
+                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += w * u[:, None]
+    vp = tl.sum(acc, axis=0)
+    tl.store(v_prime + tl.load(voff_tab + layer) + c, vp, mask=cmask)
+    vp64 = vp.to(tl.float64)
+    tl.store(partial_v2 + tl.load(tile_index + t), tl.sum(vp64 * vp64, axis=0))
+    if c0 == 0:
+        tl.store(unorm + layer, nrm)
+
+
+@triton.jit
+def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, ldg_tab,
+                     uoff_tab, voff_tab, pstart_tab, pcount_tab, layer_out, u_raw, v_prime,
+                     unorm, partial_v2, sigma_out, lam, G_DTYPE: tl.constexpr,
+                     UPDATE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
+    t = tl.program_id(0)
+    layer = tl.load(tile_layer + t)
+    r0 = tl.load(tile_start + t)
+    rows = tl.load(rows_tab + layer)
+    cols = tl.load(cols_tab + layer)
+    v_off = tl.load(voff_tab + layer)
+    if UPDATE_GRAD:
+        G = _layer_ptr(g_tab, layer, G_DTYPE)
+        ldg = tl.load(ldg_tab + layer)
+        nrm = tl.load(unorm + layer)
+        inv = tl.where(nrm == 0.0, 0.0, 1.0 / nrm)
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < rows
+        u = tl.load(u_raw + tl.load(uoff_tab + layer) + r, mask=rmask, other=0.0) * inv * lam
+        for c0 in range(0, cols, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < cols
+            m = rmask[:, None] & cmask[None, :]
+            ptr = G + r[:, None].to(tl.int64) * ldg + c[None, :]
+            g = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+            vp = tl.load(v_prime + v_off + c, mask=cmask, other=0.0)
+            tl.store(ptr, _round_to(g + u[:, None] * vp[None, :], G_DTYPE), mask=m)
+    if r0 == 0:
+        # sigma = ||v'|| from the column tiles' partial sums, in a fixed order
+        p0 = tl.load(pstart_tab + layer)
+        pn = tl.load(pcount_tab + layer)
+        s2 = tl.zeros((BLOCK_P,), dtype=tl.float64)
+        for j in range(0, pn, BLOCK_P):
+            jj = j + tl.arange(0, BLOCK_P)
+            s2 += tl.load(partial_v2 + p0 + jj, mask=jj < pn, other=0.0)
+        sigma = tl.sqrt(tl.sum(s2, axis=0)).to(tl.float32)
+        tl.store(sigma_out + tl.load(layer_out + layer), sigma)
+        # v = v' / sigma, unless sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
+        # (sigma * 0 == 0 is false for Inf and NaN)
+        if (sigma > 0.0) & (sigma * 0.0 == 0.0):
+            v = _layer_ptr(v_tab, layer, tl.float32)
+            for c0 in range(0, cols, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                cmask = c < cols
+                vp = tl.load(v_prime + v_off + c, mask=cmask, other=0.0)
+                tl.store(v + c, vp / sigma, mask=cmask)
