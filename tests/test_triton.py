@@ -62,3 +62,26 @@ def test_auto_picks_triton_for_cuda_tensors():
         assert se.resolve_backend([torch.randn(2, 2)]) != "triton"   # CPU tensors: never auto
     else:
         assert se.resolve_backend([torch.randn(2, 2, device="cuda")]) == "triton"
+
+
+def test_imports_without_triton():
+    """Triton is optional: without it spectral_ext imports and says why the backend is off."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None          # import triton now raises ImportError
+        import torch
+        import spectral_ext as se
+        b = se.available_backends()["triton"]
+        assert not b.available and "Triton is not importable" in b.detail, b
+        w = [torch.randn(3, 4)]
+        try:
+            se.fused_step(w, se.init_vectors(w), backend="triton")
+        except RuntimeError as e:
+            assert "unavailable" in str(e), e
+        else:
+            raise AssertionError("no error")
+    """)
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, cwd="/")
