@@ -75,9 +75,8 @@ STEP_COLUMNS = ("none", "naive", "fused", "naive alone", "fused alone")
 
 def run_steps(device):
     rows = []
-    for name, (_, shape, devices) in step.MODELS.items():
-        if device.type not in devices:
-            continue
+    for name in step.models_for(device):
+        shape = step.MODELS[name][1]
         impls, _ = step.train_step_impls(name, device)
         t = harness.interleaved_medians(impls, device, rounds=11)
         share = {k: t[k + " alone"] / (t["none"] + t[k + " alone"]) for k in ("naive", "fused")}
@@ -91,9 +90,8 @@ def run_steps(device):
 
 def run_estimators(device):
     rows = []
-    for name, (_, shape, devices) in step.MODELS.items():
-        if device.type not in devices:
-            continue
+    for name in step.models_for(device):
+        shape = step.MODELS[name][1]
         t = harness.interleaved_medians(estimators.estimator_impls(name, device), device,
                                         rounds=11)
         rows.append({"model": name, "input": list(shape), **{f"{k}_s": v for k, v in t.items()}})

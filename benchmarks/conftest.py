@@ -52,8 +52,7 @@ def pytest_generate_tests(metafunc):
                  list(harness.BASELINES) + ["reference"] + harness.native_backends(torch.device(d))]
         metafunc.parametrize("device_impl", pairs, ids=[f"{d}-{i}" for d, i in pairs])
     if "device_model" in metafunc.fixturenames:
-        pairs = [(d, m) for d in _devices(metafunc.config) for m, (_, _, devices)
-                 in step.MODELS.items() if torch.device(d).type in devices]
+        pairs = [(d, m) for d in _devices(metafunc.config) for m in step.models_for(d)]
         metafunc.parametrize("device_model", pairs, ids=[f"{d}-{m}" for d, m in pairs])
 
 

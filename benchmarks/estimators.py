@@ -19,12 +19,7 @@ from . import step
 
 
 def estimator_impls(model_name: str, device) -> Dict[str, Callable[[], object]]:
-    build, shape, _ = step.MODELS[model_name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build().to(device)
-        x = torch.randn(shape).to(device)
-        y = torch.randint(0, 10, (shape[0],)).to(device)
+    model, x, y = step.build(model_name, device)
     params = list(model.parameters())
     loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss_fn(), params, create_graph=True)

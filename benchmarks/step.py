@@ -4,7 +4,7 @@ share of a real step the regularizer costs.
 Models: a small CNN on CIFAR-sized inputs (both devices) and, on a GPU, a 12-layer stack shaped
 like GPT-2 small (d_model 768, 12 heads, MLP 3072, 256 tokens x batch 8)."""
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -63,9 +63,26 @@ MODELS = {
 }
 
 
+def models_for(device) -> List[str]:
+    """The models of MODELS that run on this device by default."""
+    return [m for m, (_, _, devices) in MODELS.items() if torch.device(device).type in devices]
+
+
+def build(model_name: str, device) -> Tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(model, inputs, labels) from seed 0, without touching the global RNG: the same on every
+    call."""
+    make, shape, _ = MODELS[model_name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = make().to(device)
+        x = torch.randn(shape).to(device)
+        y = torch.randint(0, 10, (shape[0],)).to(device)
+    return model, x, y
+
+
 def train_step_impls(model_name: str, device) -> Tuple[Dict[str, Callable[[], None]], nn.Module]:
-    """The model (built from seed 0: the same model, batch and vectors on every call, without
-    touching the global RNG) and its step functions:
+    """The model (``build``: the same model, batch and vectors on every call) and its step
+    functions:
 
     - 'none' / 'naive' / 'fused': one SGD training step (forward, backward, regularizer,
       optimizer step) on a fixed random batch; 'fused' is a SpectralNormRegularizer with its
@@ -73,12 +90,7 @@ def train_step_impls(model_name: str, device) -> Tuple[Dict[str, Callable[[], No
       linear weight: spectral_ext.collect_weights) from the same initial vectors;
     - 'naive alone' / 'fused alone': the regularizer by itself.
     """
-    build, shape, _ = MODELS[model_name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build().to(device)
-        x = torch.randn(shape).to(device)
-        y = torch.randint(0, 10, (shape[0],)).to(device)
+    model, x, y = build(model_name, device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     reg = se.SpectralNormRegularizer(model, lam=0.01)
     weights = [w for _, w in se.collect_weights(model)]

@@ -54,6 +54,22 @@ def check_lam(lam) -> float:
     return lam
 
 
+def check_coefficient(name: str, value) -> float:
+    """A regularization weight (mu, lam of the related methods): a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def check_optional_positive(name: str, value):
+    """A tolerance or step (tol, eps): None, or a number > 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not value > 0):
+        raise ValueError(f"{name} must be None or a positive number, got {value!r}")
+    return value
+
+
 def check_n_iter(n_iter) -> int:
     if isinstance(n_iter, bool) or not isinstance(n_iter, int):
         raise TypeError(f"n_iter must be an int, got {type(n_iter).__name__}")

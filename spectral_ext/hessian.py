@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _power
+from . import _checks, _power
 
 __all__ = ["hvp_operator", "spectral_radius", "rayleigh_quotient", "SpectralRadiusRegularizer"]
 
@@ -53,10 +53,8 @@ def _check_loss(loss) -> torch.Tensor:
 
 
 def _check_common(n_iter, tol, method):
-    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be None or a positive number, got {tol!r}")
+    _checks.check_n_iter(n_iter)
+    _checks.check_optional_positive("tol", tol)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -147,15 +145,13 @@ class SpectralRadiusRegularizer(nn.Module):
                  grad_method: str = "autograd", eps: Optional[float] = None,
                  tol: Optional[float] = None, check_every: int = 5):
         super().__init__()
-        if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not mu >= 0:
-            raise ValueError(f"mu must be a non-negative number, got {mu!r}")
+        mu = _checks.check_coefficient("mu", mu)
         _check_common(n_iter, tol, method)
         if grad_method not in ("autograd", "finite_difference"):
             raise ValueError("grad_method must be 'autograd' or 'finite_difference', "
                              f"got {grad_method!r}")
-        if eps is not None and not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"eps must be None or a positive number, got {eps!r}")
-        self.mu, self.n_iter, self.method = float(mu), n_iter, method
+        _checks.check_optional_positive("eps", eps)
+        self.mu, self.n_iter, self.method = mu, n_iter, method
         self.grad_method, self.eps, self.tol, self.check_every = grad_method, eps, tol, check_every
         self.v: Optional[List[torch.Tensor]] = None
         self.last_rho: Optional[torch.Tensor] = None

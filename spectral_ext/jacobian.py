@@ -21,7 +21,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _power
+from . import _checks, _power
 
 __all__ = ["spectral_norm", "spectral_norm_with_vectors", "frobenius_norm_sq",
            "JacobianSpectralNormRegularizer", "JacobianFrobeniusRegularizer"]
@@ -35,13 +35,6 @@ def _check_input(x) -> torch.Tensor:
     if not x.is_floating_point():
         raise TypeError(f"x has dtype {x.dtype}; need a floating-point input")
     return x
-
-
-def _check_iter(n_iter, tol):
-    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-        raise ValueError(f"n_iter must be a positive int, got {n_iter!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be None or a positive number, got {tol!r}")
 
 
 def _forward(fn: Callable, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +71,32 @@ class JacobianOperators:
     def jtj(self, v: List[torch.Tensor]) -> List[torch.Tensor]:
         return [self.vjp(self.jvp(v[0]))]
 
+    def fixed_vector_sigma(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """u_i^T J_i v_i for every sample, differentiable with respect to the model's
+        parameters through the same forward pass (= sigma_i when u, v are the top singular
+        vectors): the regularizers' term."""
+        with torch.enable_grad():
+            (jtu,) = torch.autograd.grad(self.y, self.x, u.detach(), create_graph=True)
+        return (jtu * v.detach()).reshape(self.x.shape[0], -1).sum(1)
+
+
+def _top_singular(ops: JacobianOperators, n_iter: int, v0: Optional[torch.Tensor],
+                  tol: Optional[float], check_every: int):
+    """(sigma, u, v, iterations) by power iteration on J^T J.  One output per sample makes J_i a
+    row (rank 1): one iteration is then exact, and that is all that runs."""
+    x = ops.x
+    if v0 is None:
+        v0 = _power.random_like([x], batched=True)[0]
+    elif v0.shape != x.shape:
+        raise ValueError(f"v0 has shape {tuple(v0.shape)}; need the input's {tuple(x.shape)}")
+    if ops.y.shape[1] == 1:
+        n_iter = 1
+    res = _power.power_iteration(ops.jtj, [v0.detach().to(x)], n_iter, tol, check_every,
+                                 batched=True)
+    v = res.vector[0]
+    u, sigma = _power.normalize([ops.jvp(v)], batched=True)
+    return sigma.detach(), u[0].detach(), v, res.iterations
+
 
 def spectral_norm_with_vectors(model: Callable, x: torch.Tensor, n_iter: int = 20,
                                v0: Optional[torch.Tensor] = None, tol: Optional[float] = None,
@@ -87,17 +106,9 @@ def spectral_norm_with_vectors(model: Callable, x: torch.Tensor, n_iter: int = 2
     each sample's Jacobian and its unit singular vectors (J_i v_i = sigma_i u_i).  v0 warm
     starts (shape of x); tol stops early (one host sync per check)."""
     x = _check_input(x)
-    _check_iter(n_iter, tol)
-    ops = JacobianOperators(model, x)
-    if v0 is None:
-        v0 = _power.random_like([x], batched=True)[0]
-    elif v0.shape != x.shape:
-        raise ValueError(f"v0 has shape {tuple(v0.shape)}; need the input's {tuple(x.shape)}")
-    res = _power.power_iteration(ops.jtj, [v0.detach().to(x)], n_iter, tol, check_every,
-                                 batched=True)
-    v = res.vector[0]
-    u, sigma = _power.normalize([ops.jvp(v)], batched=True)
-    return sigma.detach(), u[0].detach(), v, res.iterations
+    _checks.check_n_iter(n_iter)
+    _checks.check_optional_positive("tol", tol)
+    return _top_singular(JacobianOperators(model, x), n_iter, v0, tol, check_every)
 
 
 def spectral_norm(model: Callable, x: torch.Tensor, n_iter: int = 20,
@@ -105,16 +116,6 @@ def spectral_norm(model: Callable, x: torch.Tensor, n_iter: int = 20,
                   check_every: int = 5) -> torch.Tensor:
     """sigma_max(d model(x_i) / d x_i) for every sample: a [B] tensor (no gradient)."""
     return spectral_norm_with_vectors(model, x, n_iter, v0, tol, check_every)[0]
-
-
-def fixed_vector_sigma(model: Callable, x: torch.Tensor, u: torch.Tensor,
-                       v: torch.Tensor) -> torch.Tensor:
-    """u_i^T J_i v_i for every sample, differentiable with respect to the model's parameters
-    (= sigma_i when u, v are the top singular vectors)."""
-    xr, y = _forward(model, x)
-    with torch.enable_grad():
-        (jtu,) = torch.autograd.grad(y, xr, u.detach(), create_graph=True)
-    return (jtu * v.detach()).reshape(x.shape[0], -1).sum(1)
 
 
 class JacobianSpectralNormRegularizer(nn.Module):
@@ -129,12 +130,11 @@ class JacobianSpectralNormRegularizer(nn.Module):
 
     def __init__(self, lam: float, n_iter: int = 10, num_samples: Optional[int] = None):
         super().__init__()
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0:
-            raise ValueError(f"lam must be a non-negative number, got {lam!r}")
-        _check_iter(n_iter, None)
+        lam = _checks.check_coefficient("lam", lam)
+        _checks.check_n_iter(n_iter)
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
             raise ValueError(f"num_samples must be None or a positive int, got {num_samples!r}")
-        self.lam, self.n_iter, self.num_samples = float(lam), n_iter, num_samples
+        self.lam, self.n_iter, self.num_samples = lam, n_iter, num_samples
         self.vectors: Optional[torch.Tensor] = None
         self.last_sigma: Optional[torch.Tensor] = None
 
@@ -161,12 +161,12 @@ class JacobianSpectralNormRegularizer(nn.Module):
                                  device=x.device)], batched=True)[0]
             self.vectors = self.vectors.to(device=x.device, dtype=x.dtype)
             v0 = self.vectors[index]
-        sigma, u, v, _ = spectral_norm_with_vectors(model, x, self.n_iter, v0)
+        ops = JacobianOperators(model, x)      # one forward for the iterations and the term
+        sigma, u, v, _ = _top_singular(ops, self.n_iter, v0, None, 1)
         if index is not None:
             self.vectors[index] = v
         self.last_sigma = sigma
-        s = fixed_vector_sigma(model, x, u, v)
-        return self.lam * s.pow(2).mean()
+        return self.lam * ops.fixed_vector_sigma(u, v).pow(2).mean()
 
 
 def frobenius_norm_sq(model: Callable, x: torch.Tensor, n_proj: int = 1,
@@ -196,9 +196,7 @@ class JacobianFrobeniusRegularizer(nn.Module):
 
     def __init__(self, lam: float, n_proj: int = 1):
         super().__init__()
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam >= 0:
-            raise ValueError(f"lam must be a non-negative number, got {lam!r}")
-        self.lam, self.n_proj = float(lam), n_proj
+        self.lam, self.n_proj = _checks.check_coefficient("lam", lam), n_proj
 
     def forward(self, model: Callable, x: torch.Tensor) -> torch.Tensor:
         return self.lam * frobenius_norm_sq(model, x, self.n_proj, create_graph=True).mean()

@@ -17,8 +17,8 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Uni
 
 import torch
 
-from . import _power
-from .jacobian import _check_input, fixed_vector_sigma, spectral_norm_with_vectors
+from . import _checks
+from .jacobian import JacobianOperators, _check_input, _top_singular
 
 __all__ = ["slope", "slope_loss", "SlopeStats", "distribution", "SlopeEarlyStopping"]
 
@@ -34,21 +34,12 @@ def _centered(model: Callable, center: bool) -> Callable:
 def slope(model: Callable, x: torch.Tensor, n_iter: int = 20, tol: Optional[float] = None,
           center: bool = True) -> torch.Tensor:
     """The slope at each input: a [B] tensor (no gradient).  One output per sample: the exact
-    gradient norm (one backward).  Several: n_iter power iterations per sample (see the module
+    gradient norm (one iteration).  Several: n_iter power iterations per sample (see the module
     docstring), exact at convergence; tol stops early (a host sync per check)."""
-    return _slope_and_vectors(model, x, n_iter, tol, center)[0]
-
-
-def _slope_and_vectors(model, x, n_iter, tol, center):
-    x = _check_input(x)
-    fn = _centered(model, center)
-    return spectral_norm_with_vectors(fn, x, n_iter if _outputs(model, x) > 1 else 1, tol=tol)
-
-
-def _outputs(model, x) -> int:
-    with torch.no_grad():
-        y = model(x[:1])
-    return y[0].numel()
+    _checks.check_n_iter(n_iter)
+    _checks.check_optional_positive("tol", tol)
+    ops = JacobianOperators(_centered(model, center), _check_input(x))
+    return _top_singular(ops, n_iter, None, tol, 5)[0]
 
 
 def slope_loss(model: Callable, x: torch.Tensor, n_iter: int = 10, center: bool = True,
@@ -56,9 +47,10 @@ def slope_loss(model: Callable, x: torch.Tensor, n_iter: int = 10, center: bool 
     """mean_i slope(x_i)^power, differentiable with respect to the model's parameters (the
     singular vectors of the power iteration held fixed, as the Jacobian regularizer does): a
     loss term.  Multiply by a weight and add it to the training loss."""
-    _, u, v, _ = _slope_and_vectors(model, x, n_iter, None, center)
-    s = fixed_vector_sigma(_centered(model, center), x, u, v)
-    return s.abs().pow(power).mean()
+    _checks.check_n_iter(n_iter)
+    ops = JacobianOperators(_centered(model, center), _check_input(x))
+    _, u, v, _ = _top_singular(ops, n_iter, None, None, 1)
+    return ops.fixed_vector_sigma(u, v).abs().pow(power).mean()
 
 
 class SlopeStats(NamedTuple):

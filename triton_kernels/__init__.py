@@ -8,6 +8,7 @@ it as the op ``spectral_ext::fused_step_triton`` (an opaque custom op: see there
 """
 
 import os
+from itertools import accumulate
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -39,6 +40,11 @@ def _tiles(extents: Sequence[int], block: int) -> Tuple[List[int], List[int]]:
     return layer, start
 
 
+def _offsets(sizes: Sequence[int]) -> List[int]:
+    """[0, s0, s0 + s1, ..., total]: where each layer's slice of a concatenated buffer starts."""
+    return [0, *accumulate(sizes)]
+
+
 class _Plan:
     """Everything of one dtype group that depends only on pointers, shapes and strides: the
     device tables and tile maps, built once and cached while they stay the same (a step then
@@ -56,25 +62,17 @@ class _Plan:
         self.rows, self.cols = i64(rows), i64(cols)
         self.ldw = i64([w.stride(0) for w in Ws])
         self.ldg = i64([g.stride(0) for g in Gs])
-        uoff = [0]
-        for r in rows:
-            uoff.append(uoff[-1] + r)
-        voff = [0]
-        for c in cols:
-            voff.append(voff[-1] + c)
+        uoff, voff = _offsets(rows), _offsets(cols)
         self.uoff, self.voff = i64(uoff[:-1]), i64(voff[:-1])
         self.n_u, self.n_v = uoff[-1], voff[-1]
         rl, rs = _tiles(rows, BR)
         cl, cs = _tiles(cols, BC)
         self.row_layer, self.row_start = i32(rl), i32(rs)
         self.col_layer, self.col_start = i32(cl), i32(cs)
-        self.col_index = i32(list(range(len(cl))))
-        pstart, pcount = [], []
-        for i in range(len(Ws)):
-            idx = [k for k, l in enumerate(cl) if l == i]
-            pstart.append(idx[0])
-            pcount.append(len(idx))
-        self.pstart, self.pcount = i64(pstart), i64(pcount)
+        # each layer's column tiles are consecutive: its partial sums of ||v'||^2 are the slots
+        # [pstart, pstart + pcount) of the column-tile grid
+        pcount = [-(-c // BC) for c in cols]
+        self.pstart, self.pcount = i64(_offsets(pcount)[:-1]), i64(pcount)
         self.first_layer = i32(list(range(len(Ws))))
         self.zeros = i32([0] * len(Ws))
         self.layer_out = i64(out_index)
@@ -140,7 +138,7 @@ def fused_step_forward(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tenso
         p = _plan(Ws, Gs, Vs, idx, device)
         u_raw = torch.empty(p.n_u, dtype=torch.float32, device=device)
         v_prime = torch.empty(p.n_v, dtype=torch.float32, device=device)
-        unorm = torch.empty(len(idx), dtype=torch.float32, device=device)
+        u_inv = torch.empty(len(idx), dtype=torch.float32, device=device)
         partial = torch.empty(p.n_col_tiles, dtype=torch.float64, device=device)
         wt, gt = SUPPORTED_DTYPES[wdt], SUPPORTED_DTYPES[gdt]
         for it in range(n_iter):
@@ -149,15 +147,15 @@ def fused_step_forward(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tenso
                 p.row_layer, p.row_start, p.w_tab, p.v_tab, p.rows, p.cols, p.ldw, p.uoff,
                 u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
             _cols_kernel[(p.n_col_tiles,)](
-                p.col_layer, p.col_start, p.col_index, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
-                p.voff, u_raw, v_prime, unorm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+                p.col_layer, p.col_start, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
+                p.voff, u_raw, v_prime, u_inv, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
             # the last iteration also updates the gradients, over every row tile; earlier ones
             # only finalize sigma and v, one program per layer
             tl_, ts_, n = ((p.row_layer, p.row_start, p.n_row_tiles) if last else
                            (p.first_layer, p.zeros, len(idx)))
             _finalize_kernel[(n,)](
                 tl_, ts_, p.v_tab, p.g_tab, p.rows, p.cols, p.ldg, p.uoff, p.voff, p.pstart,
-                p.pcount, p.layer_out, u_raw, v_prime, unorm, partial, sigma, lam,
+                p.pcount, p.layer_out, u_raw, v_prime, u_inv, partial, sigma, lam,
                 G_DTYPE=gt, UPDATE_GRAD=last, BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64)
         for dst, src in write_back:
             dst.copy_(src.reshape(dst.shape))

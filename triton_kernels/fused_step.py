@@ -43,6 +43,13 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(W, ldw, r, rmask, c, cmask):
+    """W[r, c] (row stride ldw, unit column stride) as float32, zero outside the masks."""
+    return tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
+                   mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_tab, uoff_tab,
                  u_raw, W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
@@ -59,17 +66,15 @@ def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_t
     for c0 in range(0, cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < cols
-        w = tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         x = tl.load(v + c, mask=cmask, other=0.0)
-        acc += w * x[None, :]
+        acc += _load_tile(W, ldw, r, rmask, c, cmask) * x[None, :]
     u_off = tl.load(uoff_tab + layer)
     tl.store(u_raw + u_off + r, tl.sum(acc, axis=1), mask=rmask)
 
 
 @triton.jit
-def _cols_kernel(tile_layer, tile_start, tile_index, w_tab, rows_tab, cols_tab, ldw_tab,
-                 uoff_tab, voff_tab, u_raw, v_prime, unorm, partial_v2,
+def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
+                 uoff_tab, voff_tab, u_raw, v_prime, u_inv, partial_v2,
                  W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
@@ -97,21 +102,19 @@ def _cols_kernel(tile_layer, tile_start, tile_index, w_tab, rows_tab, cols_tab, 
         r = r0 + tl.arange(0, BLOCK_R)
         rmask = r < rows
         u = tl.load(u_raw + u_off + r, mask=rmask, other=0.0) * inv
-        w = tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
-                    mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        acc += w * u[:, None]
+        acc += _load_tile(W, ldw, r, rmask, c, cmask) * u[:, None]
     vp = tl.sum(acc, axis=0)
     tl.store(v_prime + tl.load(voff_tab + layer) + c, vp, mask=cmask)
     vp64 = vp.to(tl.float64)
-    tl.store(partial_v2 + tl.load(tile_index + t), tl.sum(vp64 * vp64, axis=0))
+    tl.store(partial_v2 + t, tl.sum(vp64 * vp64, axis=0))
     if c0 == 0:
-        tl.store(unorm + layer, nrm)
+        tl.store(u_inv + layer, inv)
 
 
 @triton.jit
 def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, ldg_tab,
                      uoff_tab, voff_tab, pstart_tab, pcount_tab, layer_out, u_raw, v_prime,
-                     unorm, partial_v2, sigma_out, lam, G_DTYPE: tl.constexpr,
+                     u_inv, partial_v2, sigma_out, lam, G_DTYPE: tl.constexpr,
                      UPDATE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_P: tl.constexpr):
     t = tl.program_id(0)
@@ -123,11 +126,10 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
     if UPDATE_GRAD:
         G = _layer_ptr(g_tab, layer, G_DTYPE)
         ldg = tl.load(ldg_tab + layer)
-        nrm = tl.load(unorm + layer)
-        inv = tl.where(nrm == 0.0, 0.0, 1.0 / nrm)
         r = r0 + tl.arange(0, BLOCK_R)
         rmask = r < rows
-        u = tl.load(u_raw + tl.load(uoff_tab + layer) + r, mask=rmask, other=0.0) * inv * lam
+        u = tl.load(u_raw + tl.load(uoff_tab + layer) + r, mask=rmask, other=0.0) \
+            * tl.load(u_inv + layer) * lam
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < cols
