@@ -31,6 +31,9 @@ inline at::ScalarType sigma_type(at::TensorList weights) {
   return at::kFloat;
 }
 
+// csrc/cpu/fused_step_cpu.cpp: whether the CPU kernels were compiled with OpenMP.
+bool cpu_openmp();
+
 inline int64_t matrix_cols(const at::Tensor& w) { return w.numel() / w.size(0); }
 
 // Python-style spellings, so that messages read the same as those of spectral_ext/_checks.py.

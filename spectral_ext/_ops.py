@@ -13,8 +13,9 @@ Ops (namespace ``spectral_ext``):
 ``fused_step_triton(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, int n_iter) -> Tensor``
     The same step with the Triton kernels (registered only when Triton imports; float32 sigma).
 
-Kernels: the C++ extension ``spectral_ext._C`` registers CPU kernels when it loads; the pure-PyTorch
-reference is registered as the default kernel, so the ops run on any device.  Outputs: sigma is
+Kernels: the C++ extension ``spectral_ext._C`` registers CPU kernels when it loads, and CUDA kernels
+of ``fused_step`` when it was built with nvcc (csrc/cuda/); the pure-PyTorch reference is
+registered as the default kernel, so the ops run on any device.  Outputs: sigma is
 float32, or float64 if any weight is float64; us are in each layer's accumulation dtype (float64
 for float64 weights, else float32); vs_new in the dtype of each v.
 """
@@ -101,20 +102,34 @@ torch.library.register_autograd("spectral_ext::spectral_norms", _spectral_norms_
 #: None when the C++ CPU kernels are registered, else why not.
 CPU_EXTENSION_ERROR = None
 CPU_OPENMP = False
+#: None when the CUDA kernels of fused_step are compiled in and registered, else why not (whether
+#: a GPU is present is checked where a backend is chosen, not here).
+CUDA_KERNELS_ERROR = None
 try:
     from ._build_config import CPU_ARCH  # written by setup.py next to the extension
 except ImportError:
     CPU_ARCH = None
+try:
+    from ._build_config import CUDA_ARCHS
+except ImportError:
+    CUDA_ARCHS = ""
 if CPU_ARCH == "x86-64-v3" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
     CPU_EXTENSION_ERROR = ("the C++ extension was built for x86-64-v3 (AVX2/FMA) and this CPU "
                            "lacks AVX2: rebuild with SPECTRAL_EXT_CPU_ARCH= (empty) for a "
                            "portable build")
 else:
     try:
-        from . import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL(spectral_ext, CPU, m))
+        from . import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL(spectral_ext, CPU/CUDA, m))
         CPU_OPENMP = bool(_C.openmp())
+        if not _C.cuda_compiled():
+            CUDA_KERNELS_ERROR = ("spectral_ext was built without its CUDA kernels (no nvcc at "
+                                  "build time, or SPECTRAL_EXT_CUDA=0); rebuild with nvcc, e.g. "
+                                  "CUDA_HOME=/usr/local/cuda SPECTRAL_EXT_CUDA=1 pip install "
+                                  "--no-build-isolation .")
     except ImportError as exc:  # a source checkout that was never built, or a torch ABI mismatch
         CPU_EXTENSION_ERROR = f"the C++ extension spectral_ext._C did not load: {exc}"
+if CPU_EXTENSION_ERROR is not None:
+    CUDA_KERNELS_ERROR = CPU_EXTENSION_ERROR
 
 
 # ---- the Triton backend (optional) --------------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import functools
 import os
+import re
 
 import torch
 
@@ -19,7 +21,7 @@ __all__ = ["fused_step", "spectral_norms", "available_backends", "resolve_backen
            "BACKENDS"]
 
 #: every backend name ``fused_step`` accepts besides "auto"
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,6 +43,43 @@ def _triton_status() -> Tuple[bool, str]:
                    "interpreter on CPU tensors)")
 
 
+def _arch_list() -> List[Tuple[int, int, bool, bool]]:
+    """(major, minor, arch-specific "a" variant, with PTX) per entry of the build's arch list."""
+    out = []
+    for item in re.split(r"[;/\s]+", _ops.CUDA_ARCHS.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", item)
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), bool(m.group(3)), bool(m.group(4))))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_error(index: int) -> Optional[str]:
+    """None if the compiled CUDA kernels run on GPU ``index``, else why not.  A binary for
+    sm_XY runs on X.Z with Z >= Y (not on "a" variants' other GPUs); PTX for X.Y runs on any
+    GPU of compute capability >= X.Y (compiled by the driver)."""
+    cap = torch.cuda.get_device_capability(index)
+    for major, minor, specific, ptx in _arch_list():
+        if (major, minor) == cap or (not specific and major == cap[0] and minor <= cap[1]):
+            return None
+        if ptx and not specific and (major, minor) <= cap:
+            return None
+    return (f"the CUDA kernels were built for TORCH_CUDA_ARCH_LIST={_ops.CUDA_ARCHS!r}, which "
+            f"does not cover {torch.cuda.get_device_name(index)} (compute capability "
+            f"{cap[0]}.{cap[1]}); rebuild with it in TORCH_CUDA_ARCH_LIST")
+
+
+def _cuda_status() -> Tuple[bool, str]:
+    """(can run here, what it is or why not) for the CUDA backend."""
+    if _ops.CUDA_KERNELS_ERROR is not None:
+        return False, _ops.CUDA_KERNELS_ERROR
+    if not torch.cuda.is_available():
+        return False, (f"no CUDA GPU here (the CUDA kernels are compiled in, for "
+                       f"TORCH_CUDA_ARCH_LIST={_ops.CUDA_ARCHS!r})")
+    return True, (f"C++/CUDA kernels for CUDA tensors (built for {_ops.CUDA_ARCHS!r}; "
+                  "float32/float64/float16/bfloat16 weights)")
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -59,6 +98,7 @@ def available_backends() -> Dict[str, Backend]:
         out["cpu"] = Backend("cpu", True, f"C++ kernel for CPU tensors ({omp}, {arch})")
     else:
         out["cpu"] = Backend("cpu", False, _ops.CPU_EXTENSION_ERROR)
+    out["cuda"] = Backend("cuda", *_cuda_status())
     out["triton"] = Backend("triton", *_triton_status())
     return out
 
@@ -72,10 +112,21 @@ def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> s
     if backend == "auto":
         if device.type == "cpu" and _ops.CPU_EXTENSION_ERROR is None:
             return "cpu"
+        if device.type == "cuda" and _cuda_status()[0] and _cuda_arch_error(device.index) is None:
+            return "cuda"
         if device.type == "cuda" and _ops.TRITON_ERROR is None and \
                 all(w.dtype in _TRITON_DTYPES for w in weights):
             return "triton"
         return "reference"
+    if backend == "cuda":
+        ok, detail = _cuda_status()
+        if not ok:
+            raise RuntimeError(f"backend 'cuda' is unavailable: {detail}")
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs CUDA tensors, but the weights are on {device}")
+        arch = _cuda_arch_error(device.index)
+        if arch is not None:
+            raise RuntimeError(f"backend 'cuda' cannot run on {device}: {arch}")
     if backend == "cpu":
         if _ops.CPU_EXTENSION_ERROR is not None:
             raise RuntimeError(f"backend 'cpu' is unavailable: {_ops.CPU_EXTENSION_ERROR}")
@@ -153,7 +204,7 @@ def spectral_norms_with_vectors(weights, vs, n_iter: int = 1, *, backend: str = 
     name = resolve_backend(weights, backend)
     if not weights:
         return torch.empty(0), [], []
-    if name in ("reference", "triton"):   # no Triton kernel for the functional op (yet)
+    if name in ("reference", "cuda", "triton"):   # no GPU kernel for the functional op (yet)
         sigma, us, vs_new = reference.spectral_norms(weights, vs, n_iter)
     else:
         sigma, us, vs_new = _ops.spectral_norms(weights, [v.detach() for v in vs], n_iter)

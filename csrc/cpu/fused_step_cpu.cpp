@@ -16,8 +16,6 @@
 //
 // Accumulation is in at::opmath_type<scalar_t>: float for float/bfloat16/half, double for double.
 
-#include <Python.h>
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -457,18 +455,12 @@ TORCH_LIBRARY_IMPL(spectral_ext, CPU, m) {
 
 }  // namespace spectral_ext
 
-// The schemas are defined in Python (spectral_ext/_ops.py); importing this module registers the
-// CPU kernels.  `openmp()` tells whether this translation unit was compiled with OpenMP: without
-// -fopenmp, at::parallel_for (a header template) silently runs on one thread.
-static PyObject* openmp(PyObject*, PyObject*) {
+// Whether this translation unit was compiled with OpenMP: without -fopenmp, at::parallel_for (a
+// header template) silently runs on one thread.  Exposed as spectral_ext._C.openmp() (module.cpp).
+bool spectral_ext::cpu_openmp() {
 #ifdef _OPENMP
-  Py_RETURN_TRUE;
+  return true;
 #else
-  Py_RETURN_FALSE;
+  return false;
 #endif
 }
-static PyMethodDef methods[] = {
-    {"openmp", openmp, METH_NOARGS, "whether the CPU kernels were compiled with OpenMP"},
-    {nullptr, nullptr, 0, nullptr}};
-static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

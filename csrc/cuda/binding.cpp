@@ -1,0 +1,365 @@
+// The torch side of the CUDA backend: registers spectral_ext::fused_step for CUDA tensors.
+//
+// Per call: the same input checks as the CPU kernel (csrc/spectral_ext.h), layers grouped by
+// weight dtype, and per group a cached device table (layer descriptors, tiles, counters; see
+// fused_step_cuda.h), a workspace from torch's caching allocator, and 2 * n_iter + 1 launches on
+// torch's current stream (fused_step.cu).  No host synchronisation; a step whose table is cached
+// copies nothing to the device and can be captured in a CUDA graph.
+//
+// The kernels are compiled by nvcc into plain objects without torch headers and linked with a
+// static CUDA runtime (../shared/TOOLCHAIN.md: the CPU torch used for building has no CUDA
+// libraries).  That runtime keeps its own current device, so the launcher sets it, and the stream
+// comes from c10's device guard interface, which needs no c10_cuda at link time.
+//
+// With -DSPECTRAL_EXT_EMULATE (tests only: tests/cuda_emulation.py) the same file registers the
+// op spectral_ext_emu::fused_step for CPU tensors, run by the CPU emulation of the kernels
+// (emulation.h): the table lives in host memory and there is no stream.
+
+#include <ATen/TensorUtils.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <numeric>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "../build_info.h"
+#include "../spectral_ext.h"
+#include "fused_step_cuda.h"
+
+
+namespace spectral_ext {
+namespace cuda {
+namespace {
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "unsupported weight dtype ", py_dtype(t));
+  }
+  return DType::kFloat32;  // not reached
+}
+
+// (row stride, column stride) of t seen as a rows x cols matrix, or nothing when no view exists.
+std::optional<std::pair<int64_t, int64_t>> matrix_strides(const at::Tensor& t, int64_t rows,
+                                                          int64_t cols) {
+  const int64_t shape[2] = {rows, cols};
+  auto st = at::detail::computeStride(t.sizes(), t.strides(), at::IntArrayRef(shape, 2));
+  if (!st) return std::nullopt;
+  return std::make_pair((*st)[0], (*st)[1]);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// A layer's tensors as the kernels address them; copies (and write-backs) only for a weight or
+// gradient that cannot be viewed as a strided rows x cols matrix.
+struct Operand {
+  at::Tensor W_hold, G_hold, G_out;
+};
+
+LayerDesc describe(const at::Tensor& w, const at::Tensor& g, const at::Tensor& v, int64_t out,
+                   Operand& keep) {
+  LayerDesc d;
+  std::memset(&d, 0, sizeof(d));  // the descriptor's bytes are the cache key: no stray padding
+  d.rows = w.size(0);
+  d.cols = matrix_cols(w);
+  if (auto s = matrix_strides(w, d.rows, d.cols)) {
+    d.W = w.const_data_ptr();
+    std::tie(d.ldw, d.scw) = *s;
+  } else {
+    keep.W_hold = w.reshape({d.rows, d.cols}).contiguous();
+    d.W = keep.W_hold.const_data_ptr();
+    d.ldw = d.cols;
+    d.scw = 1;
+  }
+  if (auto s = matrix_strides(g, d.rows, d.cols)) {
+    d.G = g.mutable_data_ptr();
+    std::tie(d.ldg, d.scg) = *s;
+  } else {
+    keep.G_hold = g.reshape({d.rows, d.cols}).contiguous();
+    keep.G_out = g;
+    d.G = keep.G_hold.mutable_data_ptr();
+    d.ldg = d.cols;
+    d.scg = 1;
+  }
+  // strides of size-1 dimensions are arbitrary: make them canonical (they are never stepped)
+  if (d.rows == 1) d.ldw = d.ldg = 0;
+  if (d.cols == 1) d.scw = d.scg = 1;
+  d.v = v.data_ptr();
+  d.vstride = v.stride(0);
+  d.v_double = v.scalar_type() == at::kDouble;
+  d.out = out;
+  const DType t = dtype_of(w.scalar_type());
+  const int vec = dtype_vec(t);
+  d.wvec = aligned16(d.W) && d.scw == 1 && d.ldw % vec == 0 && d.cols % vec == 0;
+  d.gvec = aligned16(d.G) && d.scg == 1 && d.ldg % vec == 0 && d.cols % vec == 0;
+  // tiles: up to kMaxStripGroups column groups wide, about kTileBytes of W, <= kMaxTileRows rows
+  d.cb_size = static_cast<int32_t>(std::min<int64_t>(d.cols, kMaxStripGroups * (d.wvec ? vec : 1)));
+  int64_t rb = kTileBytes / dtype_size(t) / d.cb_size;
+  rb = std::clamp<int64_t>(rb / 8 * 8, 8, kMaxTileRows);
+  d.rb_size = static_cast<int32_t>(std::min<int64_t>(rb, d.rows));
+  const int64_t n_rb = (d.rows + d.rb_size - 1) / d.rb_size;
+  const int64_t n_cb = (d.cols + d.cb_size - 1) / d.cb_size;
+  TORCH_CHECK(n_rb * n_cb <= INT_MAX, "weights[", out, "] is too large for the CUDA kernels");
+  d.n_rb = static_cast<int32_t>(n_rb);
+  d.n_cb = static_cast<int32_t>(n_cb);
+  return d;
+}
+
+// Everything of one dtype group that depends only on pointers, shapes and strides: the device
+// table [layers | tiles | counters] and the workspace sizes.
+struct Plan {
+  at::Tensor host;    // pinned copy of the table (the source of the upload; kept alive)
+  at::Tensor table;   // on the device
+  int64_t n_layers = 0, n_tiles = 0, total_rb = 0, total_cb = 0;
+  int64_t n_pu = 0, n_u = 0, n_pv = 0, n_v = 0;
+  int64_t tiles_at = 0, counters_at = 0;
+};
+
+int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Fills offsets and bases in place and builds the plan; uploads the table on `stream`'s device.
+std::shared_ptr<Plan> build_plan(std::vector<LayerDesc>& descs, const at::Device& device) {
+  auto p = std::make_shared<Plan>();
+  p->n_layers = static_cast<int64_t>(descs.size());
+  for (auto& d : descs) {
+    d.u_off = p->n_u;
+    d.v_off = p->n_v;
+    d.pu_off = p->n_pu;
+    d.pv_off = p->n_pv;
+    TORCH_CHECK(p->total_rb + d.n_rb <= INT_MAX && p->total_cb + d.n_cb <= INT_MAX &&
+                    p->n_tiles + int64_t{d.n_rb} * d.n_cb <= INT_MAX,
+                "too many tiles for one launch of the CUDA kernels");
+    d.rb_base = static_cast<int32_t>(p->total_rb);
+    d.cb_base = static_cast<int32_t>(p->total_cb);
+    p->n_u += d.rows;
+    p->n_v += d.cols;
+    p->n_pu += int64_t{d.n_cb} * d.rows;
+    p->n_pv += int64_t{d.n_rb} * d.cols;
+    p->total_rb += d.n_rb;
+    p->total_cb += d.n_cb;
+    p->n_tiles += int64_t{d.n_rb} * d.n_cb;
+  }
+  // tiles of the largest layers first (their reductions finish while small layers run)
+  std::vector<int32_t> order(descs.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return descs[a].rows * descs[a].cols > descs[b].rows * descs[b].cols;
+  });
+  std::vector<Tile> tiles;
+  tiles.reserve(p->n_tiles);
+  for (int32_t l : order) {
+    for (int32_t rb = 0; rb < descs[l].n_rb; ++rb) {
+      for (int32_t cb = 0; cb < descs[l].n_cb; ++cb) tiles.push_back(Tile{l, rb, cb, 0});
+    }
+  }
+  const int64_t layer_bytes = round16(p->n_layers * int64_t{sizeof(LayerDesc)});
+  const int64_t tile_bytes = round16(p->n_tiles * int64_t{sizeof(Tile)});
+  const int64_t counter_bytes = (p->total_rb + p->total_cb + 2 * p->n_layers) * 4;
+  p->tiles_at = layer_bytes;
+  p->counters_at = layer_bytes + tile_bytes;
+  const int64_t bytes = p->counters_at + counter_bytes;
+#ifdef SPECTRAL_EXT_EMULATE
+  (void)device;
+  p->host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+#else
+  p->host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+#endif
+  auto* h = p->host.mutable_data_ptr<uint8_t>();
+  std::memset(h, 0, bytes);   // counters start at zero
+  std::memcpy(h, descs.data(), descs.size() * sizeof(LayerDesc));
+  std::memcpy(h + p->tiles_at, tiles.data(), tiles.size() * sizeof(Tile));
+#ifdef SPECTRAL_EXT_EMULATE
+  p->table = p->host;
+#else
+  p->table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  p->table.copy_(p->host, /*non_blocking=*/true);
+#endif
+  return p;
+}
+
+// Plans keyed by (device, dtype, the descriptors' bytes before offsets are filled in): a hit
+// means the same pointers, shapes, strides and flags, so the cached table is exactly right.
+class PlanCache {
+ public:
+  std::shared_ptr<Plan> get(const std::string& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = plans_.find(key);
+    return it == plans_.end() ? nullptr : it->second;
+  }
+  void put(const std::string& key, std::shared_ptr<Plan> plan) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (plans_.count(key)) return;
+    if (order_.size() >= kMaxPlans) {
+      plans_.erase(order_.front());
+      order_.pop_front();
+    }
+    order_.push_back(key);
+    plans_.emplace(key, std::move(plan));
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    plans_.clear();
+    order_.clear();
+  }
+  int64_t size() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(plans_.size());
+  }
+
+ private:
+  static constexpr size_t kMaxPlans = 16;
+  std::mutex mu_;
+  std::unordered_map<std::string, std::shared_ptr<Plan>> plans_;
+  std::deque<std::string> order_;
+};
+
+PlanCache& plan_cache() {
+  static PlanCache* cache = new PlanCache();  // never destroyed: no CUDA frees at exit
+  return *cache;
+}
+
+void check_launch(cudaError_t e) {
+  if (e == cudaSuccess) return;
+  if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction) {
+    TORCH_CHECK(false, "spectral_ext's CUDA kernels were not built for this GPU (built for "
+                "TORCH_CUDA_ARCH_LIST=\"", SPECTRAL_EXT_CUDA_ARCHS, "\"): ",
+                cudaGetErrorString(e), "; rebuild with its architecture in TORCH_CUDA_ARCH_LIST "
+                "or use backend='triton'");
+  }
+  TORCH_CHECK(false, "spectral_ext CUDA kernel launch failed: ", cudaGetErrorString(e));
+}
+
+void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::TensorList vs,
+               at::TensorList grads, double lam, int64_t n_iter, const at::Tensor& sigma,
+               cudaStream_t stream, std::vector<Operand>& keep) {
+  const at::Device device = weights[0].device();
+  const at::ScalarType wt = weights[idx[0]].scalar_type();
+  const DType dt = dtype_of(wt);
+  std::vector<LayerDesc> descs;
+  descs.reserve(idx.size());
+  for (int64_t i : idx) {
+    keep.emplace_back();
+    descs.push_back(describe(weights[i], grads[i], vs[i], i, keep.back()));
+  }
+  std::string key(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(LayerDesc));
+  key += '/' + std::to_string(device.index()) + '/' + std::to_string(static_cast<int>(dt));
+  std::shared_ptr<Plan> plan = plan_cache().get(key);
+  if (!plan) {
+    TORCH_CHECK(!stream_is_capturing(stream),
+                "spectral_ext.fused_step (CUDA): these tensors have no cached layer table yet, "
+                "and uploading one is not allowed while the stream is captured into a CUDA "
+                "graph; run one step with the same tensors before capturing (warm-up)");
+    plan = build_plan(descs, device);
+    plan_cache().put(key, plan);
+  }
+
+  const int64_t acc = acc_size(dt);
+  int64_t at = 0;
+  auto carve = [&at](int64_t bytes) {
+    const int64_t start = at;
+    at += round16(bytes);
+    return start;
+  };
+  const int64_t o_pu = carve(plan->n_pu * acc), o_u = carve(plan->n_u * acc),
+                o_inv = carve(plan->n_layers * acc), o_pv = carve(plan->n_pv * acc),
+                o_vp = carve(plan->n_v * acc), o_pu2 = carve(plan->total_rb * 8),
+                o_pv2 = carve(plan->total_cb * 8);
+  at::Tensor ws = at::empty({at}, at::TensorOptions().dtype(at::kByte).device(device));
+  uint8_t* w = ws.mutable_data_ptr<uint8_t>();
+  uint8_t* table = plan->table.mutable_data_ptr<uint8_t>();
+  auto* counters = reinterpret_cast<unsigned int*>(table + plan->counters_at);
+
+  StepArgs a;
+  a.layers = reinterpret_cast<const LayerDesc*>(table);
+  a.tiles = reinterpret_cast<const Tile*>(table + plan->tiles_at);
+  a.n_layers = static_cast<int32_t>(plan->n_layers);
+  a.n_tiles = static_cast<int32_t>(plan->n_tiles);
+  a.cnt_rb = counters;
+  a.cnt_cb = counters + plan->total_rb;
+  a.cnt_layer_a = a.cnt_cb + plan->total_cb;
+  a.cnt_layer_b = a.cnt_layer_a + plan->n_layers;
+  a.Pu = w + o_pu;
+  a.u_raw = w + o_u;
+  a.inv_u = w + o_inv;
+  a.Pv = w + o_pv;
+  a.vp = w + o_vp;
+  a.pu2 = reinterpret_cast<double*>(w + o_pu2);
+  a.pv2 = reinterpret_cast<double*>(w + o_pv2);
+  a.sigma = sigma.mutable_data_ptr();
+  a.sigma_double = sigma.scalar_type() == at::kDouble;
+  a.dtype = dt;
+  a.lam = lam;
+  check_launch(launch_fused_step(a, static_cast<int>(n_iter), device.index(), stream));
+}
+
+// spectral_ext::fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam,
+//                          int n_iter) -> Tensor
+at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::TensorList grads,
+                           double lam, int64_t n_iter) {
+  check_inputs(weights, vs, &grads, n_iter);
+  const at::Device device = weights[0].device();
+  TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
+#ifdef SPECTRAL_EXT_EMULATE
+  TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
+  cudaStream_t stream = nullptr;
+#else
+  TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::fused_step got tensors "
+                    "on ", device);
+  const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  auto stream = static_cast<cudaStream_t>(guard->getStream(device).native_handle());
+#endif
+
+  at::Tensor sigma = at::empty({static_cast<int64_t>(weights.size())},
+                               weights[0].options().dtype(sigma_type(weights)));
+  std::map<at::ScalarType, std::vector<int64_t>> groups;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    groups[weights[i].scalar_type()].push_back(static_cast<int64_t>(i));
+  }
+  std::vector<Operand> keep;
+  keep.reserve(weights.size());
+  for (const auto& kv : groups) {
+    run_group(kv.second, weights, vs, grads, lam, n_iter, sigma, stream, keep);
+  }
+  for (auto& k : keep) {   // gradients that had to be copied: write the result back
+    if (k.G_out.defined()) k.G_out.copy_(k.G_hold.view(k.G_out.sizes()));
+  }
+  return sigma;
+}
+
+}  // namespace
+
+// For tests and diagnostics (spectral_ext._C): the number of cached layer tables, and clearing.
+int64_t cached_plans() { return plan_cache().size(); }
+void clear_plans() { plan_cache().clear(); }
+
+}  // namespace cuda
+
+#ifdef SPECTRAL_EXT_EMULATE
+TORCH_LIBRARY(spectral_ext_emu, m) {
+  m.def("fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, "
+        "int n_iter) -> Tensor");
+  m.def("cached_plans() -> int", [] { return cuda::cached_plans(); });
+  m.def("clear_plans() -> ()", [] { cuda::clear_plans(); });
+  m.def("launches() -> int", [] { return cuda::emulated_launches(); });
+}
+TORCH_LIBRARY_IMPL(spectral_ext_emu, CPU, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
+#else
+TORCH_LIBRARY_IMPL(spectral_ext, CUDA, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
+#endif
+
+}  // namespace spectral_ext

@@ -1,0 +1,459 @@
+// CUDA kernels of the fused spectral-norm step: every layer of one weight dtype per launch.
+// No torch headers: binding.cpp prepares the tables and passes the stream.
+//
+// Semantics (spectral_ext/reference.py): u = normalize(W v); v' = W^T u; sigma = ||v'||;
+// v = v' / sigma (kept when sigma is 0 or not finite); grad += lam * sigma * u v^T = lam * u v'^T.
+//
+// Work decomposition.  Each layer (rows x cols) is cut into tiles of rb_size rows x cb_size
+// columns (about 64 KiB of W each, at most 1024 rows and 128 column groups); one thread block
+// per tile, and the tiles of all layers form one grid, so the launch count does not grow with
+// the number of layers.  Tall-skinny and short-wide layers both give many tiles.
+//
+//   rows_kernel    Pu[cb][r] = W[r, strip cb] . v[strip cb]        (warps along rows)
+//                  the last tile of a row block to finish (atomic counter) sums Pu over the
+//                  strips in a fixed order into u_raw and ||u_raw||^2 of the block; the last row
+//                  block of a layer sums those into inv_u = 1 / ||u_raw||.
+//   cols_kernel    Pv[rb][c] = sum over the tile's rows of W[r, c] u[r], u = u_raw * inv_u
+//                  (threads along columns); the last tile of a column strip sums Pv over the row
+//                  blocks into v' and ||v'||^2 of the strip; the last strip of a layer forms
+//                  sigma and writes v = v' / sigma.
+//   grad_kernel    G[r, c] += lam * u[r] * v'[c]   (only after the last iteration)
+// n_iter = 1 is three launches; each further iteration adds two.  Every sum is taken in a fixed
+// order (the "last block" only decides which block does it), so results are deterministic and
+// a CUDA-graph replay equals the eager run.  Counters are left at zero by the block that
+// finishes them.  Arithmetic is in float32 (float64 for float64 weights); squared norms are
+// summed in float64; gradients are rounded to their dtype once.  u is normalized before W^T u,
+// so there is no sigma^2 range limit.  16-byte vector loads where the layer's pointer, row
+// stride and width allow (flags computed by the host).
+//
+// The grid visits tiles forward in one W pass and backward in the next, so the second pass
+// starts on the tiles the first one read last (still in L2).
+
+#ifdef SPECTRAL_EXT_EMULATE
+#include "emulation.h"  // tests without a GPU: the same source on the CPU (emulated.cpp)
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+#include <cstdint>
+
+#include "fused_step_cuda.h"
+
+#ifdef SPECTRAL_EXT_EMULATE
+#define SPECTRAL_EXT_LAUNCH(kernel, grid, stream, ...) \
+  ::spectral_ext::cuda::emu::launch(grid, kThreads, [&] { kernel(__VA_ARGS__); })
+#else
+#define SPECTRAL_EXT_LAUNCH(kernel, grid, stream, ...) \
+  kernel<<<grid, kThreads, 0, stream>>>(__VA_ARGS__)
+#endif
+
+namespace spectral_ext {
+namespace cuda {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// VEC consecutive elements, loaded or stored as one access (16 bytes when VEC = 16/sizeof(T)).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T x[VEC];
+};
+
+template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ int pow2_ceil(int n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+// Sum over the block in a fixed order (deterministic); the result is valid in thread 0.
+__device__ __forceinline__ double block_sum(double x, double* red /* [kThreads / 32] */) {
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  double s = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) s += red[w];
+  }
+  __syncthreads();  // red may be reused
+  return s;
+}
+
+// The "last block" step: every thread has written its results; returns (in every thread)
+// whether this block is the n-th and last to arrive at *counter, and resets the counter if so.
+__device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int n, bool* flag) {
+  __threadfence();  // this thread's writes are visible device-wide before the block arrives
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned int ticket = atomicAdd(counter, 1u);
+    *flag = ticket == n - 1;
+    if (*flag) *counter = 0;  // every other block of this counter has arrived
+  }
+  __syncthreads();
+  const bool last = *flag;
+  if (last) __threadfence();  // order the reads of the other blocks' results after the ticket
+  return last;
+}
+
+__device__ __forceinline__ const Tile& tile_of(const StepArgs& a, bool reverse) {
+  const int t = reverse ? a.n_tiles - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+  return a.tiles[t];
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_v(const LayerDesc& L, int64_t c) {
+  return L.v_double ? static_cast<acc_t>(static_cast<const double*>(L.v)[c * L.vstride])
+                    : static_cast<acc_t>(static_cast<const float*>(L.v)[c * L.vstride]);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void store_v(const LayerDesc& L, int64_t c, acc_t x) {
+  if (L.v_double) {
+    static_cast<double*>(L.v)[c * L.vstride] = static_cast<double>(x);
+  } else {
+    static_cast<float*>(L.v)[c * L.vstride] = static_cast<float>(x);
+  }
+}
+
+// ---- phase 1: u_raw = W v --------------------------------------------------------------------
+
+// Partial dot products of the tile's rows with v_s (the tile's slice of v).  LPR lanes per row
+// (a power of two <= 32, so the shuffles stay inside aligned lane groups); the row loop bound is
+// the same for every thread, so every lane of a warp reaches every shuffle.
+template <typename T, int VEC>
+__device__ __forceinline__ void rows_tile(const LayerDesc& L, int64_t r0, int rn, int64_t c0,
+                                          int cn, const typename Acc<T>::type* v_s,
+                                          typename Acc<T>::type* pu_out) {
+  using acc_t = typename Acc<T>::type;
+  const T* W = static_cast<const T*>(L.W);
+  const int groups = (cn + VEC - 1) / VEC;
+  const int lpr = min(32, pow2_ceil(groups));
+  const int per_pass = kThreads / lpr;
+  const int lane = threadIdx.x % lpr, slot = threadIdx.x / lpr;
+  for (int base = 0; base < rn; base += per_pass) {
+    const int r = base + slot;
+    acc_t acc = 0;
+    if (r < rn) {
+      const T* row = W + (r0 + r) * L.ldw;
+#pragma unroll 4
+      for (int g = lane; g < groups; g += lpr) {
+        const int c = g * VEC;
+        if constexpr (VEC > 1) {
+          const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row + c0 + c);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) acc += to_acc(p.x[k]) * v_s[c + k];
+        } else {
+          acc += to_acc(row[(c0 + c) * L.scw]) * v_s[c];
+        }
+      }
+    }
+    for (int off = lpr / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (r < rn && lane == 0) pu_out[r] = acc;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse) {
+  using acc_t = typename Acc<T>::type;
+  constexpr int VEC = kVec<T>;
+  __shared__ acc_t v_s[kMaxStripGroups * VEC];
+  __shared__ double red[kThreads / 32];
+  __shared__ bool flag;
+
+  const Tile tile = tile_of(a, reverse);
+  const LayerDesc& L = a.layers[tile.layer];
+  const int64_t r0 = static_cast<int64_t>(tile.rb) * L.rb_size;
+  const int rn = static_cast<int>(min64(L.rb_size, L.rows - r0));
+  const int64_t c0 = static_cast<int64_t>(tile.cb) * L.cb_size;
+  const int cn = static_cast<int>(min64(L.cb_size, L.cols - c0));
+
+  for (int c = threadIdx.x; c < cn; c += kThreads) v_s[c] = load_v<acc_t>(L, c0 + c);
+  __syncthreads();
+  acc_t* Pu = static_cast<acc_t*>(a.Pu) + L.pu_off + tile.cb * L.rows + r0;
+  if (L.wvec) {
+    rows_tile<T, VEC>(L, r0, rn, c0, cn, v_s, Pu);
+  } else {
+    rows_tile<T, 1>(L, r0, rn, c0, cn, v_s, Pu);
+  }
+
+  // the row block's last tile: u_raw = sum over strips (fixed order), and its ||u_raw||^2
+  const int rb_global = L.rb_base + tile.rb;
+  if (!arrive_last(a.cnt_rb + rb_global, L.n_cb, &flag)) return;
+  const acc_t* Pu_rows = static_cast<const acc_t*>(a.Pu) + L.pu_off + r0;
+  acc_t* u_raw = static_cast<acc_t*>(a.u_raw) + L.u_off + r0;
+  double ss = 0;
+  for (int r = threadIdx.x; r < rn; r += kThreads) {
+    acc_t u = 0;
+    for (int cb = 0; cb < L.n_cb; ++cb) u += __ldcg(Pu_rows + static_cast<int64_t>(cb) * L.rows + r);
+    u_raw[r] = u;
+    ss += static_cast<double>(u) * static_cast<double>(u);
+  }
+  ss = block_sum(ss, red);
+  if (threadIdx.x == 0) a.pu2[rb_global] = ss;
+
+  // the layer's last row block: 1 / ||u_raw||
+  if (!arrive_last(a.cnt_layer_a + tile.layer, L.n_rb, &flag)) return;
+  double s = 0;
+  for (int b = threadIdx.x; b < L.n_rb; b += kThreads) s += __ldcg(a.pu2 + L.rb_base + b);
+  s = block_sum(s, red);
+  if (threadIdx.x == 0) {
+    const double nrm = sqrt(s);
+    // a zero matrix gives u = 0 (not NaN); a NaN norm propagates (as in reference.py)
+    static_cast<acc_t*>(a.inv_u)[tile.layer] =
+        nrm == 0.0 ? acc_t(0) : static_cast<acc_t>(1.0 / nrm);
+  }
+}
+
+// ---- phase 2: v' = W^T u ---------------------------------------------------------------------
+
+// Partial sums over the tile's rows for each column: TX threads along the column groups (one
+// group each: groups <= kMaxStripGroups <= TX), TY = kThreads / TX along the rows, then the TY
+// partials are summed in a fixed order through shared memory.
+template <typename T, int VEC>
+__device__ __forceinline__ void cols_tile(const LayerDesc& L, int64_t r0, int rn, int64_t c0,
+                                          int cn, const typename Acc<T>::type* u_s,
+                                          typename Acc<T>::type* red_s,
+                                          typename Acc<T>::type* pv_out) {
+  using acc_t = typename Acc<T>::type;
+  const T* W = static_cast<const T*>(L.W);
+  const int groups = (cn + VEC - 1) / VEC;
+  const int tx_n = pow2_ceil(groups);
+  const int ty_n = kThreads / tx_n;
+  const int tx = threadIdx.x % tx_n, ty = threadIdx.x / tx_n;
+  acc_t acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0;
+  if (tx < groups) {
+    const int c = tx * VEC;
+#pragma unroll 4
+    for (int r = ty; r < rn; r += ty_n) {
+      const T* row = W + (r0 + r) * L.ldw;
+      const acc_t u = u_s[r];
+      if constexpr (VEC > 1) {
+        const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row + c0 + c);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] += to_acc(p.x[k]) * u;
+      } else {
+        acc[0] += to_acc(row[(c0 + c) * L.scw]) * u;
+      }
+    }
+  }
+  const int width = tx_n * VEC;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) red_s[ty * width + tx * VEC + k] = acc[k];
+  __syncthreads();
+  for (int c = threadIdx.x; c < cn; c += kThreads) {
+    acc_t s = 0;
+    for (int y = 0; y < ty_n; ++y) s += red_s[y * width + c];
+    pv_out[c] = s;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse) {
+  using acc_t = typename Acc<T>::type;
+  constexpr int VEC = kVec<T>;
+  __shared__ acc_t u_s[kMaxTileRows];
+  __shared__ acc_t red_s[kThreads * VEC];
+  __shared__ double red[kThreads / 32];
+  __shared__ bool flag;
+
+  const Tile tile = tile_of(a, reverse);
+  const LayerDesc& L = a.layers[tile.layer];
+  const int64_t r0 = static_cast<int64_t>(tile.rb) * L.rb_size;
+  const int rn = static_cast<int>(min64(L.rb_size, L.rows - r0));
+  const int64_t c0 = static_cast<int64_t>(tile.cb) * L.cb_size;
+  const int cn = static_cast<int>(min64(L.cb_size, L.cols - c0));
+
+  const acc_t inv = static_cast<const acc_t*>(a.inv_u)[tile.layer];
+  const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
+  for (int r = threadIdx.x; r < rn; r += kThreads) u_s[r] = u_raw[r] * inv;
+  __syncthreads();
+  acc_t* Pv = static_cast<acc_t*>(a.Pv) + L.pv_off + tile.rb * L.cols + c0;
+  if (L.wvec) {
+    cols_tile<T, VEC>(L, r0, rn, c0, cn, u_s, red_s, Pv);
+  } else {
+    cols_tile<T, 1>(L, r0, rn, c0, cn, u_s, red_s, Pv);
+  }
+
+  // the column strip's last tile: v' = sum over row blocks (fixed order), and its ||v'||^2
+  const int cb_global = L.cb_base + tile.cb;
+  if (!arrive_last(a.cnt_cb + cb_global, L.n_rb, &flag)) return;
+  const acc_t* Pv_cols = static_cast<const acc_t*>(a.Pv) + L.pv_off + c0;
+  acc_t* vp = static_cast<acc_t*>(a.vp) + L.v_off;
+  double ss = 0;
+  for (int c = threadIdx.x; c < cn; c += kThreads) {
+    acc_t x = 0;
+    for (int rb = 0; rb < L.n_rb; ++rb) x += __ldcg(Pv_cols + static_cast<int64_t>(rb) * L.cols + c);
+    vp[c0 + c] = x;
+    ss += static_cast<double>(x) * static_cast<double>(x);
+  }
+  ss = block_sum(ss, red);
+  if (threadIdx.x == 0) a.pv2[cb_global] = ss;
+
+  // the layer's last strip: sigma = ||v'||, and v = v' / sigma
+  if (!arrive_last(a.cnt_layer_b + tile.layer, L.n_cb, &flag)) return;
+  double s = 0;
+  for (int b = threadIdx.x; b < L.n_cb; b += kThreads) s += __ldcg(a.pv2 + L.cb_base + b);
+  s = block_sum(s, red);
+  __shared__ double sigma_s;
+  if (threadIdx.x == 0) {
+    sigma_s = sqrt(s);
+    if (a.sigma_double) {
+      static_cast<double*>(a.sigma)[L.out] = sigma_s;
+    } else {
+      static_cast<float*>(a.sigma)[L.out] = static_cast<float>(sigma_s);
+    }
+  }
+  __syncthreads();
+  const double sigma = sigma_s;
+  // v is kept when sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
+  if (sigma > 0.0 && isfinite(sigma)) {
+    const acc_t sg = static_cast<acc_t>(sigma);
+    for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) store_v<acc_t>(L, c, __ldcg(vp + c) / sg);
+  }
+}
+
+// ---- phase 3: grad += lam * u v'^T -----------------------------------------------------------
+
+template <typename T, int VEC>
+__device__ __forceinline__ void grad_tile(const LayerDesc& L, int64_t r0, int rn, int64_t c0,
+                                          int cn, const typename Acc<T>::type* a_s,
+                                          const typename Acc<T>::type* vp_s) {
+  using acc_t = typename Acc<T>::type;
+  T* G = static_cast<T*>(L.G);
+  const int groups = (cn + VEC - 1) / VEC;
+  const int tx_n = min(kThreads, pow2_ceil(groups));
+  const int ty_n = kThreads / tx_n;
+  const int tx = threadIdx.x % tx_n, ty = threadIdx.x / tx_n;
+  for (int g = tx; g < groups; g += tx_n) {
+    const int c = g * VEC;
+#pragma unroll 4
+    for (int r = ty; r < rn; r += ty_n) {
+      T* row = G + (r0 + r) * L.ldg;
+      const acc_t ar = a_s[r];
+      if constexpr (VEC > 1) {
+        Pack<T, VEC>* ptr = reinterpret_cast<Pack<T, VEC>*>(row + c0 + c);
+        Pack<T, VEC> p = *ptr;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) p.x[k] = from_acc<T>(to_acc(p.x[k]) + ar * vp_s[c + k]);
+        *ptr = p;
+      } else {
+        T* e = row + (c0 + c) * L.scg;
+        *e = from_acc<T>(to_acc(*e) + ar * vp_s[c]);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
+  using acc_t = typename Acc<T>::type;
+  constexpr int VEC = kVec<T>;
+  __shared__ acc_t a_s[kMaxTileRows];
+  __shared__ acc_t vp_s[kMaxStripGroups * VEC];
+
+  const Tile tile = a.tiles[blockIdx.x];
+  const LayerDesc& L = a.layers[tile.layer];
+  const int64_t r0 = static_cast<int64_t>(tile.rb) * L.rb_size;
+  const int rn = static_cast<int>(min64(L.rb_size, L.rows - r0));
+  const int64_t c0 = static_cast<int64_t>(tile.cb) * L.cb_size;
+  const int cn = static_cast<int>(min64(L.cb_size, L.cols - c0));
+
+  const acc_t scale = static_cast<acc_t>(a.lam) * static_cast<const acc_t*>(a.inv_u)[tile.layer];
+  const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
+  const acc_t* vp = static_cast<const acc_t*>(a.vp) + L.v_off + c0;
+  for (int r = threadIdx.x; r < rn; r += kThreads) a_s[r] = u_raw[r] * scale;
+  for (int c = threadIdx.x; c < cn; c += kThreads) vp_s[c] = vp[c];
+  __syncthreads();
+  if (L.gvec) {
+    grad_tile<T, VEC>(L, r0, rn, c0, cn, a_s, vp_s);
+  } else {
+    grad_tile<T, 1>(L, r0, rn, c0, cn, a_s, vp_s);
+  }
+}
+
+template <typename T>
+cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream) {
+  const unsigned int grid = static_cast<unsigned int>(a.n_tiles);
+  bool reverse = false;  // alternate the direction of consecutive passes over W (L2 reuse)
+  for (int it = 0; it < n_iter; ++it) {
+    SPECTRAL_EXT_LAUNCH(rows_kernel<T>, grid, stream, a, reverse);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    reverse = !reverse;
+    SPECTRAL_EXT_LAUNCH(cols_kernel<T>, grid, stream, a, reverse);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    reverse = !reverse;
+  }
+  SPECTRAL_EXT_LAUNCH(grad_kernel<T>, grid, stream, a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cudaStream_t stream) {
+  // this library links its own (static) CUDA runtime, whose current device is separate from
+  // torch's: make the tensors' device current before launching on its stream
+#ifndef SPECTRAL_EXT_EMULATE
+  if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return e;
+#else
+  (void)device;
+#endif
+  switch (args.dtype) {
+    case DType::kFloat32: return launch_all<float>(args, n_iter, stream);
+    case DType::kFloat64: return launch_all<double>(args, n_iter, stream);
+    case DType::kFloat16: return launch_all<__half>(args, n_iter, stream);
+    case DType::kBFloat16: return launch_all<__nv_bfloat16>(args, n_iter, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+#ifdef SPECTRAL_EXT_EMULATE
+int64_t emulated_launches() { return emu::g_launches; }
+bool stream_is_capturing(cudaStream_t) { return false; }
+void runtime_info(int* runtime_version, int* driver_version, int* device_count) {
+  *runtime_version = *driver_version = *device_count = 0;
+}
+#else
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+void runtime_info(int* runtime_version, int* driver_version, int* device_count) {
+  *runtime_version = *driver_version = *device_count = 0;
+  cudaRuntimeGetVersion(runtime_version);
+  cudaDriverGetVersion(driver_version);
+  if (cudaGetDeviceCount(device_count) != cudaSuccess) {
+    *device_count = 0;
+    cudaGetLastError();  // no driver / no device: clear the error
+  }
+}
+#endif
+
+}  // namespace cuda
+}  // namespace spectral_ext

@@ -1,0 +1,101 @@
+// The CUDA kernels' interface: plain C++ (no torch headers), shared by fused_step.cu (nvcc) and
+// binding.cpp (the torch side, g++).  See fused_step.cu for the algorithm.
+//
+// A call describes one weight-dtype group of layers:
+//   * a device table of LayerDesc (one per layer) and of Tile (one per thread block and phase),
+//     built by the host once and cached while pointers, shapes and strides stay the same;
+//   * counters (zeroed once at upload; every kernel leaves them at zero again);
+//   * a workspace for the partial sums, allocated per call (sizes in WorkspaceSizes).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace spectral_ext {
+namespace cuda {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+inline int dtype_size(DType t) {
+  return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2);
+}
+// elements per 16-byte vector access
+inline int dtype_vec(DType t) { return 16 / dtype_size(t); }
+// the accumulation type's size: float64 for float64 weights, else float32
+inline int acc_size(DType t) { return t == DType::kFloat64 ? 8 : 4; }
+
+// Largest tile: at most kMaxTileRows rows and kMaxStripGroups column groups (a group is one
+// 16-byte vector when the layer allows vector access, else one element).
+constexpr int kThreads = 256;
+constexpr int kMaxTileRows = 1024;
+constexpr int kMaxStripGroups = 128;
+constexpr int64_t kTileBytes = 64 * 1024;   // target bytes of W per tile
+
+// One layer.  W element (r, c) is at W[r * ldw + c * scw]; likewise G with (ldg, scg); v[c] is at
+// v[c * vstride] (float32, or float64 when v_double).  All 8-byte fields first.
+struct LayerDesc {
+  const void* W;
+  void* G;
+  void* v;
+  int64_t rows, cols;
+  int64_t ldw, scw, ldg, scg, vstride;
+  int64_t u_off;    // this layer's rows in u_raw
+  int64_t v_off;    // this layer's columns in vp
+  int64_t pu_off;   // its n_cb x rows partial sums of W v in Pu
+  int64_t pv_off;   // its n_rb x cols partial sums of W^T u in Pv
+  int64_t out;      // its index in sigma (the caller's list position)
+  int32_t rb_size, cb_size;  // tile rows, tile columns
+  int32_t n_rb, n_cb;        // tiles along rows and columns
+  int32_t rb_base, cb_base;  // index of its first row block / column strip in the group
+  int32_t v_double;
+  int32_t wvec, gvec;        // 16-byte vector access allowed for W / G
+  int32_t pad_;
+};
+
+struct Tile {
+  int32_t layer, rb, cb, pad_;
+};
+
+// Pointers into the device table and the per-call workspace, by value to every kernel.
+struct StepArgs {
+  const LayerDesc* layers;
+  const Tile* tiles;
+  int32_t n_layers, n_tiles;
+  // counters: one per row block, per column strip, and two per layer
+  unsigned int* cnt_rb;
+  unsigned int* cnt_cb;
+  unsigned int* cnt_layer_a;
+  unsigned int* cnt_layer_b;
+  // workspace (acc = float32, or float64 for float64 weights)
+  void* Pu;        // acc [sum n_cb * rows]
+  void* u_raw;     // acc [sum rows]
+  double* pu2;     // [total row blocks]   partial ||u_raw||^2
+  void* inv_u;     // acc [n_layers]        1 / ||u_raw|| (0 for a zero matrix)
+  void* Pv;        // acc [sum n_rb * cols]
+  void* vp;        // acc [sum cols]        v' = W^T u
+  double* pv2;     // [total column strips] partial ||v'||^2
+  void* sigma;     // [caller's L]          float32, or float64 when sigma_double
+  int32_t sigma_double;
+  DType dtype;
+  double lam;
+};
+
+// Launches n_iter x (rows, columns) then one gradient kernel on `stream`: 2 * n_iter + 1
+// launches.  `device` is made current in this library's (static) CUDA runtime first.  Returns
+// the first launch error (no synchronisation).
+cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cudaStream_t stream);
+
+// Whether `stream` is being captured into a CUDA graph (false on error).
+bool stream_is_capturing(cudaStream_t stream);
+
+// Versions and device count, as seen by this library's CUDA runtime (for diagnostics).
+void runtime_info(int* runtime_version, int* driver_version, int* device_count);
+
+#ifdef SPECTRAL_EXT_EMULATE
+// kernel launches of the CPU emulation so far (tests)
+int64_t emulated_launches();
+#endif
+
+}  // namespace cuda
+}  // namespace spectral_ext

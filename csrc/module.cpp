@@ -1,0 +1,74 @@
+// The Python module spectral_ext._C.  Importing it registers the kernels (TORCH_LIBRARY_IMPL in
+// csrc/cpu/ and csrc/cuda/binding.cpp; the schemas are defined in spectral_ext/_ops.py).  Its
+// functions describe the build.  Only Python.h here: this file compiles in a second.
+#include <Python.h>
+
+#include <cstdint>
+
+#include "build_info.h"
+
+namespace spectral_ext {
+bool cpu_openmp();
+#ifdef SPECTRAL_EXT_WITH_CUDA
+namespace cuda {
+void runtime_info(int* runtime_version, int* driver_version, int* device_count);
+int64_t cached_plans();
+void clear_plans();
+}  // namespace cuda
+#endif
+}  // namespace spectral_ext
+
+
+static PyObject* openmp(PyObject*, PyObject*) { return PyBool_FromLong(spectral_ext::cpu_openmp()); }
+
+static PyObject* cuda_compiled(PyObject*, PyObject*) {
+#ifdef SPECTRAL_EXT_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+static PyObject* cuda_archs(PyObject*, PyObject*) {
+  return PyUnicode_FromString(SPECTRAL_EXT_CUDA_ARCHS);
+}
+
+// (runtime version, driver version, device count) as this module's CUDA runtime sees them;
+// None when the CUDA kernels were not compiled in.  Never fails: (v, 0, 0) without a GPU.
+static PyObject* cuda_runtime(PyObject*, PyObject*) {
+#ifdef SPECTRAL_EXT_WITH_CUDA
+  int rt = 0, drv = 0, n = 0;
+  spectral_ext::cuda::runtime_info(&rt, &drv, &n);
+  return Py_BuildValue("(iii)", rt, drv, n);
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
+// the CUDA layer tables cached so far (tests), and dropping them
+static PyObject* cuda_cached_plans(PyObject*, PyObject*) {
+#ifdef SPECTRAL_EXT_WITH_CUDA
+  return PyLong_FromLongLong(spectral_ext::cuda::cached_plans());
+#else
+  return PyLong_FromLong(0);
+#endif
+}
+
+static PyObject* cuda_clear_plans(PyObject*, PyObject*) {
+#ifdef SPECTRAL_EXT_WITH_CUDA
+  spectral_ext::cuda::clear_plans();
+#endif
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"openmp", openmp, METH_NOARGS, "whether the CPU kernels were compiled with OpenMP"},
+    {"cuda_compiled", cuda_compiled, METH_NOARGS, "whether the CUDA kernels were compiled in"},
+    {"cuda_archs", cuda_archs, METH_NOARGS, "TORCH_CUDA_ARCH_LIST the CUDA kernels were built for"},
+    {"cuda_runtime", cuda_runtime, METH_NOARGS,
+     "(cudart version, driver version, device count) seen by the CUDA kernels' runtime"},
+    {"cuda_cached_plans", cuda_cached_plans, METH_NOARGS, "number of cached CUDA layer tables"},
+    {"cuda_clear_plans", cuda_clear_plans, METH_NOARGS, "drop the cached CUDA layer tables"},
+    {nullptr, nullptr, 0, nullptr}};
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,284 @@
+"""The CUDA backend's own properties (its numerics against the reference, for every shape and
+dtype, are in test_backends.py, for "cuda" on a GPU and "cuda-emulated" everywhere).
+
+Here, without a GPU: the build compiled the kernels, the backend says why it cannot run, the
+architecture check, and through the CPU emulation of the same source (cuda_emulation.py): the
+launch count, the cached layer table and bad input.  On a GPU: launches counted by
+torch.profiler, CUDA-graph capture and replay, determinism, poisoned outputs, the current
+stream, torch.compile, the regularizer, a second device.
+"""
+
+import os
+import re
+
+import pytest
+import torch
+
+import spectral_ext as se
+from spectral_ext import functional, reference
+
+import cuda_emulation
+from conftest import assert_rel_close
+
+GPU = se.available_backends()["cuda"].available
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and the CUDA kernels: "
+                               + se.available_backends()["cuda"].detail)
+
+
+def _emu():
+    reason = cuda_emulation.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return cuda_emulation.load()
+
+
+def _inputs(shapes, dtype=torch.float32, device="cpu"):
+    ws = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    return ws, se.init_vectors(ws), [torch.randn_like(w) for w in ws]
+
+
+# ---- the build and backend selection (any machine) ----------------------------------------------
+
+def test_cuda_kernels_are_compiled_where_nvcc_is():
+    """setup.py compiles csrc/cuda/ whenever nvcc is found (SPECTRAL_EXT_CUDA=auto): CI, which has
+    nvcc and no GPU, must really build them."""
+    from spectral_ext import _C, _build_config
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        pytest.skip(f"no nvcc under {home}: the CUDA kernels are not built here")
+    if os.environ.get("SPECTRAL_EXT_CUDA", "auto") == "0":
+        pytest.skip("SPECTRAL_EXT_CUDA=0: CUDA build disabled on purpose")
+    assert _build_config.CUDA and _C.cuda_compiled()
+    expected = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or "8.0;9.0+PTX"
+    assert _build_config.CUDA_ARCHS == expected
+    assert _C.cuda_archs() == expected.replace(";", "/").replace(" ", "/")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("spectral_ext::fused_step", "CUDA")
+    runtime, _, devices = _C.cuda_runtime()      # the module's static runtime answers, GPU or not
+    assert runtime >= 12000 and devices == torch.cuda.device_count()
+
+
+def test_backend_says_why_it_cannot_run():
+    info = se.available_backends()["cuda"]
+    if GPU:
+        assert "CUDA kernels" in info.detail
+        return
+    assert not info.available
+    assert "no CUDA GPU" in info.detail or "without its CUDA kernels" in info.detail
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        se.fused_step([torch.randn(3, 4)], [torch.randn(4)], backend="cuda")
+    assert se.resolve_backend([torch.randn(2, 2)]) == "cpu"     # CPU tensors: never cuda
+
+
+@needs_gpu
+def test_cuda_backend_rejects_cpu_tensors_and_auto_picks_it():
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        se.fused_step([torch.randn(3, 4)], [torch.randn(4)], backend="cuda")
+    w = [torch.randn(3, 4, device="cuda", dtype=dt) for dt in (torch.float32, torch.float64)]
+    assert se.resolve_backend(w) == "cuda"      # float64 too (triton would not take it)
+
+
+@pytest.mark.parametrize("archs, cap, ok", [
+    ("8.0;9.0+PTX", (8, 0), True), ("8.0;9.0+PTX", (8, 6), True), ("8.0;9.0+PTX", (8, 9), True),
+    ("8.0;9.0+PTX", (9, 0), True), ("8.0;9.0+PTX", (10, 0), True), ("8.0;9.0+PTX", (12, 0), True),
+    ("8.0;9.0+PTX", (7, 5), False), ("8.0;9.0", (10, 0), False), ("8.6", (8, 0), False),
+    ("9.0a", (9, 0), True), ("9.0a+PTX", (10, 0), False), ("7.5+PTX", (8, 0), True)])
+def test_architecture_check(monkeypatch, archs, cap, ok):
+    monkeypatch.setattr(functional._ops, "CUDA_ARCHS", archs)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "a test GPU")
+    err = functional._cuda_arch_error.__wrapped__(0)
+    assert (err is None) == ok, err
+    if not ok:
+        assert archs in err and f"{cap[0]}.{cap[1]}" in err
+
+
+# ---- the CUDA code path in the CPU emulation (any machine with the CUDA headers) -----------------
+
+@pytest.mark.parametrize("n_layers", [1, 7, 100])     # (the emulation runs a block in ~4 ms)
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_launches_do_not_grow_with_layers(n_layers, n_iter):
+    """2 * n_iter + 1 launches per weight dtype: 3 per step for n_iter = 1, whatever the number
+    of layers (counted by the emulation's launcher; on a GPU by torch.profiler, below)."""
+    ops = _emu()
+    shapes = [(3 + i % 5, 4 + i % 7) for i in range(n_layers)]
+    ws, vs, gs = _inputs(shapes)
+    before = ops.launches()
+    ops.fused_step(ws, vs, gs, 0.1, n_iter)
+    assert ops.launches() - before == 2 * n_iter + 1
+    w16, v16, g16 = _inputs(shapes[:2], torch.bfloat16)
+    before = ops.launches()
+    ops.fused_step(ws + w16, vs + v16, gs + g16, 0.1, n_iter)
+    assert ops.launches() - before == 2 * (2 * n_iter + 1)      # two dtype groups
+
+
+def test_layer_table_is_cached_while_tensors_stay():
+    ops = _emu()
+    ws, vs, gs = _inputs([(5, 7), (3, 2, 2)])
+    ops.clear_plans()
+    ops.fused_step(ws, vs, gs, 0.1, 1)
+    ops.fused_step(ws, vs, gs, 0.1, 1)
+    assert ops.cached_plans() == 1
+    ops.fused_step([w.clone() for w in ws], vs, gs, 0.1, 1)   # new pointers: a new table
+    assert ops.cached_plans() == 2
+    ops.fused_step(ws, vs, [gs[0].t().contiguous().t(), gs[1]], 0.1, 1)   # new strides
+    assert ops.cached_plans() == 3
+
+
+def test_repeated_calls_are_bitwise_deterministic():
+    """Every sum is taken in a fixed order, so the same inputs give the same bits."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(300, 1100), (2100, 3), (1, 5000)])
+    out = []
+    for _ in range(2):
+        v, g = [x.clone() for x in vs], [x.clone() for x in gs]
+        out.append((ops.fused_step(ws, v, g, 0.1, 2), v, g))
+    for a, b in zip([out[0][0], *out[0][1], *out[0][2]], [out[1][0], *out[1][1], *out[1][2]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["short_v", "bad_dtype", "grad_shape", "n_iter_zero",
+                                  "duplicate_v", "n_iter_huge"])
+def test_bad_input_changes_nothing(case):
+    """The binding checks everything (csrc/spectral_ext.h) before it launches or copies."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(5, 7), (4, 3)])
+    n_iter, exc, msg = 1, ValueError, None
+    if case == "short_v":
+        vs[1] = torch.randn(2)
+        msg = "vs[1] has shape (2,)"
+    elif case == "bad_dtype":
+        ws[1] = ws[1].to(torch.int32)
+        exc, msg = TypeError, "weights[1] has dtype torch.int32"
+    elif case == "grad_shape":
+        gs[1] = torch.randn(3, 4)
+        msg = "grads[1] has shape (3, 4)"
+    elif case == "n_iter_zero":
+        n_iter, msg = 0, "n_iter must be >= 1"
+    elif case == "duplicate_v":
+        vs[1] = vs[0]
+        ws[1] = torch.randn(4, 7)
+        gs[1] = torch.randn(4, 7)
+        msg = "vs[1] is the same tensor as vs[0]"
+    elif case == "n_iter_huge":
+        n_iter, msg = 10**7, "n_iter must be <= 1000000"
+    snapshot = [t.clone() for t in ws + vs + gs]
+    with pytest.raises(exc, match=re.escape(msg)):
+        ops.fused_step(ws, vs, gs, 0.1, n_iter)
+    for a, b in zip(ws + vs + gs, snapshot):
+        assert torch.equal(a, b)
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------
+
+def _count_kernels(fn):
+    """CUDA kernel launches made by fn(), from torch.profiler's device activity."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [n for n in names if "Memcpy" not in n and "Memset" not in n]
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_layers", [1, 40, 512])
+def test_profiler_launches_per_step(n_layers):
+    ws, vs, gs = _inputs([(64, 64)] * n_layers, device="cuda")
+    se.fused_step(ws, vs, grads=gs, backend="cuda")       # uploads the table once
+    kernels = _count_kernels(lambda: se.fused_step(ws, vs, grads=gs, backend="cuda"))
+    assert len(kernels) == 3, kernels
+    assert all(re.search("rows_kernel|cols_kernel|grad_kernel", k) for k in kernels), kernels
+
+
+@needs_gpu
+def test_cuda_graph_replay_equals_eager():
+    ws, vs, gs = _inputs([(300, 1100), (64, 64), (1, 5000), (5000, 1), (33, 64, 3, 3)],
+                         device="cuda")
+    ws += [torch.randn(40, 1104, device="cuda").bfloat16()]
+    vs += se.init_vectors(ws[-1:])
+    gs += [torch.randn_like(ws[-1])]
+    v0, g0 = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_v, eager_g = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_s = se.fused_step(ws, eager_v, grads=eager_g, n_iter=2, backend="cuda")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                         # warm-up: uploads the layer table
+        se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sigma = se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
+    for v, a in zip(vs, v0):
+        v.copy_(a)
+    for g, a in zip(gs, g0):
+        g.copy_(a)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(sigma, eager_s)
+    for a, b in zip(vs + gs, eager_v + eager_g):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_capture_without_warm_up_says_so():
+    from spectral_ext import _C
+    ws, vs, gs = _inputs([(7, 9)], device="cuda")
+    _C.cuda_clear_plans()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="before capturing"):
+        with torch.cuda.graph(graph):
+            se.fused_step(ws, vs, grads=gs, backend="cuda")
+
+
+@needs_gpu
+def test_poisoned_memory_and_side_stream():
+    """Outputs come from a caching allocator full of NaN, the step runs on a side stream."""
+    poison = torch.full((1 << 24,), float("nan"), device="cuda")
+    del poison
+    ws, vs, gs = _inputs([(512, 768), (3, 5), (4096, 64)], device="cuda")
+    v_ref, g_ref = [v.clone() for v in vs], [g.clone() for g in gs]
+    s_ref = reference.fused_step(ws, v_ref, lam=0.3, n_iter=2, grads=g_ref)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        s = se.fused_step(ws, vs, lam=0.3, n_iter=2, grads=gs, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    assert_rel_close(s, s_ref, 2e-5, "sigma")
+    for a, b in zip(vs + gs, v_ref + g_ref):
+        assert_rel_close(a, b, 2e-5, "v / grad")
+
+
+@needs_gpu
+def test_torch_compile_and_regularizer_on_gpu():
+    torch._dynamo.reset()
+    x = torch.randn(5, 2, 6, 6, device="cuda")
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(64, 3)).cuda()
+        reg = se.SpectralNormRegularizer(model, lam=0.1).cuda()
+        assert reg.active_backend == "cuda"
+        step = torch.compile(reg.step, fullgraph=True) if compiled else reg.step
+        sig = []
+        for _ in range(2):
+            model.zero_grad()
+            model(x).square().mean().backward()
+            sig.append(step())
+        results.append((sig, [p.grad.clone() for p in model.parameters()], reg.vs()))
+    (s0, g0, v0), (s1, g1, v1) = results
+    for a, b in zip(s0 + g0 + v0, s1 + g1 + v1):
+        assert_rel_close(b, a, 1e-5, "compiled vs eager")
+
+
+@needs_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_device():
+    ws, vs, gs = _inputs([(37, 129), (5, 3, 3, 3)], device="cuda:1")
+    v_ref, g_ref = [v.clone() for v in vs], [g.clone() for g in gs]
+    s = se.fused_step(ws, vs, grads=gs, backend="cuda")
+    s_ref = reference.fused_step(ws, v_ref, grads=g_ref)
+    assert s.device == torch.device("cuda:1")
+    assert_rel_close(s, s_ref, 2e-5, "sigma on cuda:1")
