@@ -6,8 +6,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum requirements-dev.txt | cut -d' ' -f1)
 # never let a caller's PYTHONPATH put the source tree in front of the installed package
 RUN    := env -u PYTHONPATH
+# nvcc for the CUDA kernels (built when nvcc is there, GPU or not; see setup.py).  /usr/local/bin/nvcc
+# may be a wrapper, from which CUDA_HOME cannot be guessed.
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
 
-.PHONY: setup wheel install demo test bench bench-suite cmake-check clean
+.PHONY: setup wheel install demo test bench bench-suite cmake-check gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,11 +55,18 @@ bench-suite: install
 cmake-check: setup
 	rm -rf build-cmake
 	$(RUN) cmake -S . -B build-cmake -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DSPECTRAL_EXT_CPU_ARCH= \
+	  $(if $(wildcard $(CUDA_HOME)/bin/nvcc),-DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	$(RUN) cmake --build build-cmake
 	$(RUN) $(PY) -P -c "import sys, glob; sys.path.insert(0, 'build-cmake'); import importlib.util as u; \
 	  import torch; spec = u.spec_from_file_location('spectral_ext._C', glob.glob('build-cmake/_C*.so')[0]); \
-	  m = u.module_from_spec(spec); spec.loader.exec_module(m); print('cmake build loads; openmp =', m.openmp())"
+	  m = u.module_from_spec(spec); spec.loader.exec_module(m); \
+	  print('cmake build loads; openmp =', m.openmp(), '; cuda kernels =', m.cuda_compiled(), m.cuda_archs())"
+
+# on a machine with a CUDA GPU and its own torch (no venv): build from source, compute-sanitizer,
+# the native test suite and the GPU benchmark table, results under $$OUT (benchmarks/gpu_check.sh)
+gpu-check:
+	bash benchmarks/gpu_check.sh $(STAGES)
 
 clean:
 	rm -rf build build-cmake dist *.egg-info spectral_ext/_C*.so
