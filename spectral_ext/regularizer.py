@@ -88,7 +88,8 @@ class SpectralNormRegularizer(nn.Module):
         include_types / exclude_types: module types whose ``weight`` is (not) collected.
         include_names / exclude_names: regular expressions on parameter names.
         seed: seed of the generator the initial vectors are drawn from.
-        backend: "auto", "reference" or "cpu" (see ``spectral_ext.available_backends()``).
+        backend: "auto", "reference", "cpu", "cuda" or "triton" (see
+            ``spectral_ext.available_backends()``).
     """
 
     def __init__(self, model: nn.Module, lam: float = 0.01, n_iter: int = 1, *,

@@ -57,6 +57,7 @@ DType dtype_of(at::ScalarType t) {
 // (row stride, column stride) of t seen as a rows x cols matrix, or nothing when no view exists.
 std::optional<std::pair<int64_t, int64_t>> matrix_strides(const at::Tensor& t, int64_t rows,
                                                           int64_t cols) {
+  if (t.is_contiguous()) return std::make_pair(cols, int64_t{1});  // the common case, no allocation
   const int64_t shape[2] = {rows, cols};
   auto st = at::detail::computeStride(t.sizes(), t.strides(), at::IntArrayRef(shape, 2));
   if (!st) return std::nullopt;
