@@ -233,8 +233,9 @@ def test_capture_without_warm_up_says_so():
 
 
 @needs_gpu
-def test_poisoned_memory_and_side_stream():
-    """Outputs come from a caching allocator full of NaN, the step runs on a side stream."""
+def test_poisoned_memory_and_streams():
+    """Outputs come from a caching allocator full of NaN; the first step runs on a side stream,
+    the next one on the current stream with the table the first one uploaded."""
     poison = torch.full((1 << 24,), float("nan"), device="cuda")
     del poison
     ws, vs, gs = _inputs([(512, 768), (3, 5), (4096, 64)], device="cuda")
@@ -248,6 +249,12 @@ def test_poisoned_memory_and_side_stream():
     assert_rel_close(s, s_ref, 2e-5, "sigma")
     for a, b in zip(vs + gs, v_ref + g_ref):
         assert_rel_close(a, b, 2e-5, "v / grad")
+    # the table was uploaded on `side`; a step on the current stream orders itself after it
+    s = se.fused_step(ws, vs, lam=0.3, grads=gs, backend="cuda")
+    s_ref = reference.fused_step(ws, v_ref, lam=0.3, grads=g_ref)
+    assert_rel_close(s, s_ref, 2e-5, "sigma, second stream")
+    for a, b in zip(vs + gs, v_ref + g_ref):
+        assert_rel_close(a, b, 2e-5, "v / grad, second stream")
 
 
 @needs_gpu

@@ -126,6 +126,9 @@ LayerDesc describe(const at::Tensor& w, const at::Tensor& g, const at::Tensor& v
 struct Plan {
   at::Tensor host;    // pinned copy of the table (the source of the upload; kept alive)
   at::Tensor table;   // on the device
+  cudaStream_t stream = nullptr;  // the upload's stream, and an event recorded after it
+  void* uploaded = nullptr;
+  ~Plan() { destroy_event(uploaded); }
   int64_t n_layers = 0, n_tiles = 0, total_rb = 0, total_cb = 0;
   int64_t n_pu = 0, n_u = 0, n_pv = 0, n_v = 0;
   int64_t tiles_at = 0, counters_at = 0;
@@ -133,8 +136,9 @@ struct Plan {
 
 int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// Fills offsets and bases in place and builds the plan; uploads the table on `stream`'s device.
-std::shared_ptr<Plan> build_plan(std::vector<LayerDesc>& descs, const at::Device& device) {
+// Fills offsets and bases in place and builds the plan; uploads the table on `stream`.
+std::shared_ptr<Plan> build_plan(std::vector<LayerDesc>& descs, const at::Device& device,
+                                 cudaStream_t stream) {
   auto p = std::make_shared<Plan>();
   p->n_layers = static_cast<int64_t>(descs.size());
   for (auto& d : descs) {
@@ -188,8 +192,12 @@ std::shared_ptr<Plan> build_plan(std::vector<LayerDesc>& descs, const at::Device
   p->table = p->host;
 #else
   p->table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  p->table.copy_(p->host, /*non_blocking=*/true);
+  p->table.copy_(p->host, /*non_blocking=*/true);   // on torch's current stream, i.e. `stream`
 #endif
+  p->stream = stream;
+  const cudaError_t e = record_event(stream, &p->uploaded);
+  TORCH_CHECK(e == cudaSuccess, "spectral_ext: recording the table upload failed: ",
+              cudaGetErrorString(e));
   return p;
 }
 
@@ -247,7 +255,8 @@ void check_launch(cudaError_t e) {
 
 void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::TensorList vs,
                at::TensorList grads, double lam, int64_t n_iter, const at::Tensor& sigma,
-               cudaStream_t stream, std::vector<Operand>& keep) {
+               const std::optional<c10::Stream>& torch_stream, cudaStream_t stream,
+               std::vector<Operand>& keep) {
   const at::Device device = weights[0].device();
   const at::ScalarType wt = weights[idx[0]].scalar_type();
   const DType dt = dtype_of(wt);
@@ -265,8 +274,16 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
                 "spectral_ext.fused_step (CUDA): these tensors have no cached layer table yet, "
                 "and uploading one is not allowed while the stream is captured into a CUDA "
                 "graph; run one step with the same tensors before capturing (warm-up)");
-    plan = build_plan(descs, device);
+    plan = build_plan(descs, device, stream);
     plan_cache().put(key, plan);
+  } else if (plan->stream != stream && !stream_is_capturing(stream)) {
+    // a table uploaded on another stream: order this stream after the upload (no host sync).
+    // Under capture the caller has already made the capturing stream wait for the warm-up.
+    const cudaError_t e = wait_event(stream, plan->uploaded);
+    TORCH_CHECK(e == cudaSuccess, "spectral_ext: waiting for the table upload failed: ",
+                cudaGetErrorString(e));
+    // and the caching allocator must not reuse the table (if evicted) before this stream is done
+    if (torch_stream) plan->table.record_stream(*torch_stream);
   }
 
   const int64_t acc = acc_size(dt);
@@ -317,12 +334,14 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
 #ifdef SPECTRAL_EXT_EMULATE
   TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
+  const std::optional<c10::Stream> torch_stream;
   cudaStream_t stream = nullptr;
 #else
   TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::fused_step got tensors "
                     "on ", device);
   const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  auto stream = static_cast<cudaStream_t>(guard->getStream(device).native_handle());
+  const std::optional<c10::Stream> torch_stream = guard->getStream(device);
+  auto stream = static_cast<cudaStream_t>(torch_stream->native_handle());
 #endif
 
   at::Tensor sigma = at::empty({static_cast<int64_t>(weights.size())},
@@ -334,7 +353,7 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   std::vector<Operand> keep;
   keep.reserve(weights.size());
   for (const auto& kv : groups) {
-    run_group(kv.second, weights, vs, grads, lam, n_iter, sigma, stream, keep);
+    run_group(kv.second, weights, vs, grads, lam, n_iter, sigma, torch_stream, stream, keep);
   }
   for (auto& k : keep) {   // gradients that had to be copied: write the result back
     if (k.G_out.defined()) k.G_out.copy_(k.G_hold.view(k.G_out.sizes()));

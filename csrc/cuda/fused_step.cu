@@ -431,6 +431,12 @@ cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cuda
 #ifdef SPECTRAL_EXT_EMULATE
 int64_t emulated_launches() { return emu::g_launches; }
 bool stream_is_capturing(cudaStream_t) { return false; }
+cudaError_t record_event(cudaStream_t, void** event) {
+  *event = nullptr;
+  return cudaSuccess;
+}
+cudaError_t wait_event(cudaStream_t, void*) { return cudaSuccess; }
+void destroy_event(void*) {}
 void runtime_info(int* runtime_version, int* driver_version, int* device_count) {
   *runtime_version = *driver_version = *device_count = 0;
 }
@@ -442,6 +448,23 @@ bool stream_is_capturing(cudaStream_t stream) {
     return false;
   }
   return status != cudaStreamCaptureStatusNone;
+}
+
+cudaError_t record_event(cudaStream_t stream, void** event) {
+  cudaEvent_t e = nullptr;
+  if (cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming); err != cudaSuccess) {
+    return err;
+  }
+  *event = e;
+  return cudaEventRecord(e, stream);
+}
+
+cudaError_t wait_event(cudaStream_t stream, void* event) {
+  return cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(event), 0);
+}
+
+void destroy_event(void* event) {
+  if (event != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(event));
 }
 
 void runtime_info(int* runtime_version, int* driver_version, int* device_count) {

@@ -89,6 +89,12 @@ cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cuda
 // Whether `stream` is being captured into a CUDA graph (false on error).
 bool stream_is_capturing(cudaStream_t stream);
 
+// An event recorded on `stream` after the table upload, so that another stream can wait for the
+// upload without a host synchronisation; destroyed with the table.
+cudaError_t record_event(cudaStream_t stream, void** event);
+cudaError_t wait_event(cudaStream_t stream, void* event);
+void destroy_event(void* event);
+
 // Versions and device count, as seen by this library's CUDA runtime (for diagnostics).
 void runtime_info(int* runtime_version, int* driver_version, int* device_count);
 
