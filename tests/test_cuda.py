@@ -170,6 +170,13 @@ def test_bad_input_changes_nothing(case):
 
 # ---- on a GPU ------------------------------------------------------------------------------------
 
+@needs_gpu
+def test_opcheck_on_cuda_tensors():
+    """Schema (declared mutations), fake kernel and dispatch of the op with its CUDA kernel."""
+    ws, vs, gs = _inputs([(37, 129), (8, 3, 3, 3), (1, 20), (20, 1)], device="cuda")
+    torch.library.opcheck(torch.ops.spectral_ext.fused_step, (ws, vs, gs, 0.25, 2))
+
+
 def _count_kernels(fn):
     """CUDA kernel launches made by fn(), from torch.profiler's device activity."""
     from torch.profiler import ProfilerActivity, profile

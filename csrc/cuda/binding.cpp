@@ -376,6 +376,7 @@ TORCH_LIBRARY(spectral_ext_emu, m) {
   m.def("cached_plans() -> int", [] { return cuda::cached_plans(); });
   m.def("clear_plans() -> ()", [] { cuda::clear_plans(); });
   m.def("launches() -> int", [] { return cuda::emulated_launches(); });
+  m.def("skip_kernels(bool skip) -> ()", [](bool skip) { cuda::emulate_skip_kernels(skip); });
 }
 TORCH_LIBRARY_IMPL(spectral_ext_emu, CPU, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
 #else

@@ -167,12 +167,14 @@ inline void Block::entry() {
 inline Dim g_block_idx;
 inline cudaError_t g_error = cudaSuccess;
 inline int64_t g_launches = 0;  // kernel launches so far (tests count them per step)
+inline bool g_skip_kernels = false;  // count launches but run nothing (to time the host path)
 
 inline Dim thread_idx() { return Dim{static_cast<unsigned int>(block().tid()), 0, 0}; }
 
 // kernel<<<grid, threads>>>(...) as `launch(grid, threads, [&] { kernel(...); })`
 inline void launch(unsigned int grid, int threads, const std::function<void()>& body) {
   ++g_launches;
+  if (g_skip_kernels) return;
   for (unsigned int b = 0; b < grid && g_error == cudaSuccess; ++b) {
     g_block_idx.x = b;
     if (!block().run(threads, body)) {

@@ -430,6 +430,7 @@ cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cuda
 
 #ifdef SPECTRAL_EXT_EMULATE
 int64_t emulated_launches() { return emu::g_launches; }
+void emulate_skip_kernels(bool skip) { emu::g_skip_kernels = skip; }
 bool stream_is_capturing(cudaStream_t) { return false; }
 cudaError_t record_event(cudaStream_t, void** event) {
   *event = nullptr;

@@ -99,8 +99,9 @@ void destroy_event(void* event);
 void runtime_info(int* runtime_version, int* driver_version, int* device_count);
 
 #ifdef SPECTRAL_EXT_EMULATE
-// kernel launches of the CPU emulation so far (tests)
+// kernel launches of the CPU emulation so far (tests); with skip, launches run nothing
 int64_t emulated_launches();
+void emulate_skip_kernels(bool skip);
 #endif
 
 }  // namespace cuda

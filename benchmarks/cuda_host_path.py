@@ -1,0 +1,52 @@
+"""Host-side cost of one CUDA-backend call, measurable without a GPU.
+
+Builds the CUDA backend's binding (csrc/cuda/binding.cpp) in its CPU-emulation form
+(tests/cuda_emulation.py) and times `spectral_ext_emu::fused_step` with the kernel launches
+switched off: what remains is everything the host does per step: the Python -> dispatcher call
+with three lists of tensors, the input checks (csrc/spectral_ext.h), the layer descriptions,
+the cached-table lookup and the workspace allocation.  On a GPU the kernels run asynchronously
+behind it, so for many small layers this is the floor of an eager step; a CUDA graph of the
+step (see README) does not pay it.
+
+    make setup && .venv/bin/python -P benchmarks/cuda_host_path.py
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+import cuda_emulation  # noqa: E402
+
+
+def main():
+    reason = cuda_emulation.unavailable_reason()
+    if reason:
+        sys.exit(reason)
+    ops = cuda_emulation.load()
+    ops.skip_kernels(True)
+    try:
+        print(f"host path of one fused_step call (CUDA backend's binding, kernels not run), "
+              f"{torch.get_num_threads()} threads, median of 7 x 200 calls")
+        for n in (1, 40, 512):
+            ws = [torch.randn(64, 64) for _ in range(n)]
+            vs = [torch.randn(64) for _ in range(n)]
+            gs = [torch.zeros(64, 64) for _ in range(n)]
+            ops.fused_step(ws, vs, gs, 0.01, 1)        # the table is built once
+            times = []
+            for _ in range(7):
+                t = time.perf_counter()
+                for _ in range(200):
+                    ops.fused_step(ws, vs, gs, 0.01, 1)
+                times.append((time.perf_counter() - t) / 200)
+            times.sort()
+            print(f"  {n:4d} layers of 64x64: {times[3] * 1e6:8.1f} us per call")
+    finally:
+        ops.skip_kernels(False)
+
+
+if __name__ == "__main__":
+    main()
