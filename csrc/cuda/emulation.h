@@ -206,6 +206,12 @@ inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
 template <typename T>
 inline T __ldcg(const T* p) { return *p; }
 template <typename T>
+inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcs(const T* p) { return *p; }
+template <typename T>
+inline void __stcs(T* p, T x) { *p = x; }
+template <typename T>
 inline T __shfl_xor_sync(unsigned int /*mask*/, T x, int lane_mask) {
   return emu::block().shfl_xor(x, lane_mask);
 }

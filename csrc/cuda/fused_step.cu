@@ -77,6 +77,47 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
+// Explicit global-memory accesses (the pointers come from the table, so the compiler cannot tell
+// their address space).  W is never written by these kernels: the read-only path (__ldg).  G is
+// read and written once: streaming (__ldcs / __stcs), so it does not push W out of L2.
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_w(const T* p) {
+  Pack<T, VEC> r;
+  if constexpr (sizeof(r) == 16) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    memcpy(&r, &u, 16);
+  } else {
+    static_assert(VEC == 1, "a vector access is 16 bytes");
+    r.x[0] = __ldg(p);
+  }
+  return r;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_g(const T* p) {
+  Pack<T, VEC> r;
+  if constexpr (sizeof(r) == 16) {
+    const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+    memcpy(&r, &u, 16);
+  } else {
+    static_assert(VEC == 1, "a vector access is 16 bytes");
+    r.x[0] = __ldcs(p);
+  }
+  return r;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_g(T* p, const Pack<T, VEC>& r) {
+  if constexpr (sizeof(r) == 16) {
+    uint4 u;
+    memcpy(&u, &r, 16);
+    __stcs(reinterpret_cast<uint4*>(p), u);
+  } else {
+    static_assert(VEC == 1, "a vector access is 16 bytes");
+    __stcs(p, r.x[0]);
+  }
+}
+
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 __device__ __forceinline__ int pow2_ceil(int n) {
@@ -159,11 +200,11 @@ __device__ __forceinline__ void rows_tile(const LayerDesc& L, int64_t r0, int rn
       for (int g = lane; g < groups; g += lpr) {
         const int c = g * VEC;
         if constexpr (VEC > 1) {
-          const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row + c0 + c);
+          const Pack<T, VEC> p = load_w<T, VEC>(row + c0 + c);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) acc += to_acc(p.x[k]) * v_s[c + k];
         } else {
-          acc += to_acc(row[(c0 + c) * L.scw]) * v_s[c];
+          acc += to_acc(load_w<T, 1>(row + (c0 + c) * L.scw).x[0]) * v_s[c];
         }
       }
     }
@@ -250,11 +291,11 @@ __device__ __forceinline__ void cols_tile(const LayerDesc& L, int64_t r0, int rn
       const T* row = W + (r0 + r) * L.ldw;
       const acc_t u = u_s[r];
       if constexpr (VEC > 1) {
-        const Pack<T, VEC> p = *reinterpret_cast<const Pack<T, VEC>*>(row + c0 + c);
+        const Pack<T, VEC> p = load_w<T, VEC>(row + c0 + c);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) acc[k] += to_acc(p.x[k]) * u;
       } else {
-        acc[0] += to_acc(row[(c0 + c) * L.scw]) * u;
+        acc[0] += to_acc(load_w<T, 1>(row + (c0 + c) * L.scw).x[0]) * u;
       }
     }
   }
@@ -352,16 +393,11 @@ __device__ __forceinline__ void grad_tile(const LayerDesc& L, int64_t r0, int rn
     for (int r = ty; r < rn; r += ty_n) {
       T* row = G + (r0 + r) * L.ldg;
       const acc_t ar = a_s[r];
-      if constexpr (VEC > 1) {
-        Pack<T, VEC>* ptr = reinterpret_cast<Pack<T, VEC>*>(row + c0 + c);
-        Pack<T, VEC> p = *ptr;
+      T* e = VEC > 1 ? row + c0 + c : row + (c0 + c) * L.scg;
+      Pack<T, VEC> p = load_g<T, VEC>(e);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) p.x[k] = from_acc<T>(to_acc(p.x[k]) + ar * vp_s[c + k]);
-        *ptr = p;
-      } else {
-        T* e = row + (c0 + c) * L.scg;
-        *e = from_acc<T>(to_acc(*e) + ar * vp_s[c]);
-      }
+      for (int k = 0; k < VEC; ++k) p.x[k] = from_acc<T>(to_acc(p.x[k]) + ar * vp_s[c + k]);
+      store_g<T, VEC>(e, p);
     }
   }
 }
