@@ -12,7 +12,13 @@ NATIVE = [b for b in ("cpu",) if se.available_backends()[b].available]
 ALL = ["reference"] + NATIVE
 # fused_step backends for the compiled training step (triton: CPU tensors in the interpreter
 # without a GPU; the model then stays on the CPU)
-STEP_BACKENDS = ALL + [b for b in ("triton",) if se.available_backends()[b].available]
+STEP_BACKENDS = ALL + [b for b in ("cuda", "triton") if se.available_backends()[b].available]
+
+
+def _step_device(backend):
+    """Where the compiled training step runs for this backend."""
+    gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
+    return torch.device("cuda" if gpu else "cpu")
 
 
 def _weights(dtype=torch.float32, requires_grad=False):
@@ -99,17 +105,19 @@ def test_torch_compile_training_step(backend):
     """A training step with a compiled model and a compiled regularizer step (fullgraph: no graph
     break around the op) matches eager.  (Dynamo does not trace .backward() itself.)"""
     torch._dynamo.reset()
+    device = _step_device(backend)
 
     def make():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                                   torch.nn.Linear(4 * 4 * 4, 3))
+                                   torch.nn.Linear(4 * 4 * 4, 3)).to(device)
 
-    x = torch.randn(5, 2, 6, 6)
+    x = torch.randn(5, 2, 6, 6, device=device)
     results = []
     for compiled in (False, True):
         model = make()
-        reg = se.SpectralNormRegularizer(model, lam=0.1, backend=backend)
+        reg = se.SpectralNormRegularizer(model, lam=0.1, backend=backend).to(device)
+        assert reg.active_backend == backend
         forward = torch.compile(model) if compiled else model
         reg_step = torch.compile(reg.step, fullgraph=True) if compiled else reg.step
         sig = []

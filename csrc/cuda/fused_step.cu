@@ -80,28 +80,26 @@ template <typename T> constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 // Explicit global-memory accesses (the pointers come from the table, so the compiler cannot tell
 // their address space).  W is never written by these kernels: the read-only path (__ldg).  G is
 // read and written once: streaming (__ldcs / __stcs), so it does not push W out of L2.
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_w(const T* p) {
-  Pack<T, VEC> r;
-  if constexpr (sizeof(r) == 16) {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-    memcpy(&r, &u, 16);
+enum class Load { kReadOnly, kStreaming };
+
+template <Load kind, typename X>
+__device__ __forceinline__ X load_global(const X* p) {
+  if constexpr (kind == Load::kReadOnly) {
+    return __ldg(p);
   } else {
-    static_assert(VEC == 1, "a vector access is 16 bytes");
-    r.x[0] = __ldg(p);
+    return __ldcs(p);
   }
-  return r;
 }
 
-template <typename T, int VEC>
-__device__ __forceinline__ Pack<T, VEC> load_g(const T* p) {
+template <typename T, int VEC, Load kind>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
   Pack<T, VEC> r;
   if constexpr (sizeof(r) == 16) {
-    const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+    const uint4 u = load_global<kind>(reinterpret_cast<const uint4*>(p));
     memcpy(&r, &u, 16);
   } else {
     static_assert(VEC == 1, "a vector access is 16 bytes");
-    r.x[0] = __ldcs(p);
+    r.x[0] = load_global<kind>(p);
   }
   return r;
 }
@@ -200,11 +198,11 @@ __device__ __forceinline__ void rows_tile(const LayerDesc& L, int64_t r0, int rn
       for (int g = lane; g < groups; g += lpr) {
         const int c = g * VEC;
         if constexpr (VEC > 1) {
-          const Pack<T, VEC> p = load_w<T, VEC>(row + c0 + c);
+          const Pack<T, VEC> p = load_pack<T, VEC, Load::kReadOnly>(row + c0 + c);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) acc += to_acc(p.x[k]) * v_s[c + k];
         } else {
-          acc += to_acc(load_w<T, 1>(row + (c0 + c) * L.scw).x[0]) * v_s[c];
+          acc += to_acc(load_pack<T, 1, Load::kReadOnly>(row + (c0 + c) * L.scw).x[0]) * v_s[c];
         }
       }
     }
@@ -291,11 +289,11 @@ __device__ __forceinline__ void cols_tile(const LayerDesc& L, int64_t r0, int rn
       const T* row = W + (r0 + r) * L.ldw;
       const acc_t u = u_s[r];
       if constexpr (VEC > 1) {
-        const Pack<T, VEC> p = load_w<T, VEC>(row + c0 + c);
+        const Pack<T, VEC> p = load_pack<T, VEC, Load::kReadOnly>(row + c0 + c);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) acc[k] += to_acc(p.x[k]) * u;
       } else {
-        acc[0] += to_acc(load_w<T, 1>(row + (c0 + c) * L.scw).x[0]) * u;
+        acc[0] += to_acc(load_pack<T, 1, Load::kReadOnly>(row + (c0 + c) * L.scw).x[0]) * u;
       }
     }
   }
@@ -394,7 +392,7 @@ __device__ __forceinline__ void grad_tile(const LayerDesc& L, int64_t r0, int rn
       T* row = G + (r0 + r) * L.ldg;
       const acc_t ar = a_s[r];
       T* e = VEC > 1 ? row + c0 + c : row + (c0 + c) * L.scg;
-      Pack<T, VEC> p = load_g<T, VEC>(e);
+      Pack<T, VEC> p = load_pack<T, VEC, Load::kStreaming>(e);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) p.x[k] = from_acc<T>(to_acc(p.x[k]) + ar * vp_s[c + k]);
       store_g<T, VEC>(e, p);
