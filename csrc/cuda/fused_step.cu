@@ -154,9 +154,24 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
   return last;
 }
 
-__device__ __forceinline__ const Tile& tile_of(const StepArgs& a, bool reverse) {
+// This block's tile: its layer, first row r0 and row count rn, first column c0 and width cn.
+struct TileSpan {
+  Tile tile;
+  const LayerDesc* layer;
+  int64_t r0;
+  int rn;
+  int64_t c0;
+  int cn;
+};
+
+__device__ __forceinline__ TileSpan tile_span(const StepArgs& a, bool reverse) {
   const int t = reverse ? a.n_tiles - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-  return a.tiles[t];
+  const Tile tile = a.tiles[t];
+  const LayerDesc* L = a.layers + tile.layer;
+  const int64_t r0 = static_cast<int64_t>(tile.rb) * L->rb_size;
+  const int64_t c0 = static_cast<int64_t>(tile.cb) * L->cb_size;
+  return TileSpan{tile, L, r0, static_cast<int>(min64(L->rb_size, L->rows - r0)), c0,
+                  static_cast<int>(min64(L->cb_size, L->cols - c0))};
 }
 
 template <typename acc_t>
@@ -219,12 +234,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse
   __shared__ double red[kThreads / 32];
   __shared__ bool flag;
 
-  const Tile tile = tile_of(a, reverse);
-  const LayerDesc& L = a.layers[tile.layer];
-  const int64_t r0 = static_cast<int64_t>(tile.rb) * L.rb_size;
-  const int rn = static_cast<int>(min64(L.rb_size, L.rows - r0));
-  const int64_t c0 = static_cast<int64_t>(tile.cb) * L.cb_size;
-  const int cn = static_cast<int>(min64(L.cb_size, L.cols - c0));
+  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse);
+  const LayerDesc& L = *layer;
 
   for (int c = threadIdx.x; c < cn; c += kThreads) v_s[c] = load_v<acc_t>(L, c0 + c);
   __syncthreads();
@@ -317,12 +328,8 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
   __shared__ double red[kThreads / 32];
   __shared__ bool flag;
 
-  const Tile tile = tile_of(a, reverse);
-  const LayerDesc& L = a.layers[tile.layer];
-  const int64_t r0 = static_cast<int64_t>(tile.rb) * L.rb_size;
-  const int rn = static_cast<int>(min64(L.rb_size, L.rows - r0));
-  const int64_t c0 = static_cast<int64_t>(tile.cb) * L.cb_size;
-  const int cn = static_cast<int>(min64(L.cb_size, L.cols - c0));
+  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse);
+  const LayerDesc& L = *layer;
 
   const acc_t inv = static_cast<const acc_t*>(a.inv_u)[tile.layer];
   const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
@@ -407,12 +414,8 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
   __shared__ acc_t a_s[kMaxTileRows];
   __shared__ acc_t vp_s[kMaxStripGroups * VEC];
 
-  const Tile tile = a.tiles[blockIdx.x];
-  const LayerDesc& L = a.layers[tile.layer];
-  const int64_t r0 = static_cast<int64_t>(tile.rb) * L.rb_size;
-  const int rn = static_cast<int>(min64(L.rb_size, L.rows - r0));
-  const int64_t c0 = static_cast<int64_t>(tile.cb) * L.cb_size;
-  const int cn = static_cast<int>(min64(L.cb_size, L.cols - c0));
+  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, false);
+  const LayerDesc& L = *layer;
 
   const acc_t scale = static_cast<acc_t>(a.lam) * static_cast<const acc_t*>(a.inv_u)[tile.layer];
   const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
