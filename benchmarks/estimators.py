@@ -22,7 +22,8 @@ def estimator_impls(model_name: str, device) -> Dict[str, Callable[[], object]]:
     model, x, y = step.build(model_name, device)
     params = list(model.parameters())
     loss_fn = lambda: nn.functional.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    with _power.twice_differentiable():   # the HVP differentiates this graph again
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
     hvp = hessian.hvp_operator(grads, params)
     v = _power.random_like(params)
     ops = jacobian.JacobianOperators(model, x)

@@ -16,6 +16,14 @@ import torch
 Vec = List[torch.Tensor]
 
 
+def twice_differentiable():
+    """Context for a forward pass whose graph will be differentiated twice (Hessian-vector and
+    Jacobian-vector products): the fused attention kernels (flash, memory-efficient, cuDNN) have
+    no double backward on CUDA, so scaled_dot_product_attention runs its math kernel inside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class PowerResult(NamedTuple):
     value: torch.Tensor      # the dominant |eigenvalue| estimate: 0-d, or [B] when batched
     vector: Vec              # the unit eigenvector estimate (per sample when batched)

@@ -53,6 +53,10 @@ def _arch_list() -> List[Tuple[int, int, bool, bool]]:
     return out
 
 
+# Dynamo (a compiled regularizer step) must not trace this: it would guard on the regex module's
+# cache, whose eviction later fails the guard itself (StopIteration, seen on an H100).  Its
+# result is a property of the build and the device, constant for the process.
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _cuda_arch_error(index: int) -> Optional[str]:
     """None if the compiled CUDA kernels run on GPU ``index``, else why not.  A binary for
@@ -108,8 +112,12 @@ def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> s
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of "
                          f"{', '.join(repr(b) for b in ('auto',) + BACKENDS)}")
-    device = weights[0].device if len(weights) else torch.device("cpu")
+    # No weights: nothing to place, so only the name and the build are checked (a regularizer
+    # checks its backend before the model may be moved; an empty step runs the reference).
+    device = weights[0].device if len(weights) else None
     if backend == "auto":
+        if device is None:
+            return "cpu" if _ops.CPU_EXTENSION_ERROR is None else "reference"
         if device.type == "cpu" and _ops.CPU_EXTENSION_ERROR is None:
             return "cpu"
         if device.type == "cuda" and _cuda_status()[0] and _cuda_arch_error(device.index) is None:
@@ -122,6 +130,8 @@ def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> s
         ok, detail = _cuda_status()
         if not ok:
             raise RuntimeError(f"backend 'cuda' is unavailable: {detail}")
+        if device is None:
+            return backend
         if device.type != "cuda":
             raise ValueError(f"backend 'cuda' needs CUDA tensors, but the weights are on {device}")
         arch = _cuda_arch_error(device.index)
@@ -130,13 +140,14 @@ def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> s
     if backend == "cpu":
         if _ops.CPU_EXTENSION_ERROR is not None:
             raise RuntimeError(f"backend 'cpu' is unavailable: {_ops.CPU_EXTENSION_ERROR}")
-        if device.type != "cpu":
+        if device is not None and device.type != "cpu":
             raise ValueError(f"backend 'cpu' needs CPU tensors, but the weights are on {device}")
     if backend == "triton":
         ok, detail = _triton_status()
         if not ok:
             raise RuntimeError(f"backend 'triton' is unavailable: {detail}")
-        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
+        if device is not None and device.type != "cuda" and not (device.type == "cpu" and
+                                                                 _triton_interpret()):
             raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors under "
                              f"TRITON_INTERPRET=1), but the weights are on {device}")
         for i, w in enumerate(weights):   # other bad dtypes are left to the general checks

@@ -18,6 +18,7 @@ differentiating the HVP (one more backward through the double-backward graph);
 two extra gradient evaluations of loss_fn at perturbed parameters (restored exactly after).
 """
 
+import contextlib
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,7 +86,8 @@ def hvp_operator(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
 
 
 def _gradients(loss_fn, params, create_graph: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    with torch.enable_grad():
+    with torch.enable_grad(), (_power.twice_differentiable() if create_graph
+                               else contextlib.nullcontext()):
         loss = _check_loss(loss_fn())
         grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     return loss, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]

@@ -40,7 +40,7 @@ def _check_input(x) -> torch.Tensor:
 def _forward(fn: Callable, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x with requires_grad, fn(x) with its graph, reshaped [B, outputs...])."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), _power.twice_differentiable():
         y = fn(x)
     if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1]:
         raise ValueError("the model must return a tensor with the batch dimension first: got "

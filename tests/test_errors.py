@@ -7,12 +7,21 @@ import torch
 
 import spectral_ext as se
 
-BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if se.available_backends()[b].available]
+BACKENDS = ["reference"] + [b for b in ("cpu", "cuda", "triton")
+                             if se.available_backends()[b].available]
+# triton runs on CPU tensors only in the interpreter; on a GPU it (and cuda) gets CUDA tensors
+DEVICE = {"cuda": "cuda", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-def _good():
-    ws = [torch.randn(4, 6), torch.randn(3, 2, 2, 2)]
+def _good(backend="reference"):
+    dev = DEVICE.get(backend, "cpu")
+    ws = [torch.randn(4, 6, device=dev), torch.randn(3, 2, 2, 2, device=dev)]
     return ws, se.init_vectors(ws), [torch.randn_like(w) for w in ws]
+
+
+def _like(ws, *shape):
+    """A tensor of ones on the weights' device (the cases run on CUDA tensors on a GPU)."""
+    return torch.ones(shape, device=ws[0].device)
 
 
 def _cases():
@@ -21,7 +30,7 @@ def _cases():
         ("length_mismatch", lambda ws, vs, gs: dict(weights=ws, vs=vs[:1]), ValueError,
          "2 weights but 1 vectors"),
         ("grads_length", lambda ws, vs, gs: dict(grads=gs[:1]), ValueError, "2 weights but 1 grads"),
-        ("wrong_v_length", lambda ws, vs, gs: dict(vs=[vs[0], torch.ones(5)]), ValueError,
+        ("wrong_v_length", lambda ws, vs, gs: dict(vs=[vs[0], _like(ws, 5)]), ValueError,
          "v must have shape (8,)"),
         ("v_2d", lambda ws, vs, gs: dict(vs=[vs[0].reshape(2, 3), vs[1]]), ValueError,
          "vs[0] has shape (2, 3)"),
@@ -29,9 +38,9 @@ def _cases():
          "v must be float32 or float64"),
         ("integer_weight", lambda ws, vs, gs: dict(weights=[ws[0].long(), ws[1]]), TypeError,
          "weights[0] has dtype torch.int64"),
-        ("one_d_weight", lambda ws, vs, gs: dict(weights=[torch.randn(6), ws[1]]), ValueError,
+        ("one_d_weight", lambda ws, vs, gs: dict(weights=[_like(ws, 6), ws[1]]), ValueError,
          "weights[0] is 1-D"),
-        ("empty_weight", lambda ws, vs, gs: dict(weights=[torch.randn(0, 6), ws[1]]), ValueError,
+        ("empty_weight", lambda ws, vs, gs: dict(weights=[_like(ws, 0, 6), ws[1]]), ValueError,
          "no elements"),
         ("weights_on_two_devices", lambda ws, vs, gs: dict(weights=[ws[0], ws[1].to("meta")]),
          ValueError, "weights[1] is on meta"),
@@ -48,9 +57,9 @@ def _cases():
                                                     vs=[vs[0], vs[0].clone()],
                                                     grads=[gs[0], gs[0].clone()]),
          ValueError, "weights[1] is the same tensor"),
-        ("expanded_grad", lambda ws, vs, gs: dict(grads=[torch.zeros(1, 6).expand(4, 6), gs[1]]),
+        ("expanded_grad", lambda ws, vs, gs: dict(grads=[_like(ws, 1, 6).expand(4, 6), gs[1]]),
          ValueError, "grads[0] has overlapping memory"),
-        ("expanded_v", lambda ws, vs, gs: dict(vs=[vs[0], torch.ones(1).expand(8)]), ValueError,
+        ("expanded_v", lambda ws, vs, gs: dict(vs=[vs[0], _like(ws, 1).expand(8)]), ValueError,
          "vs[1] has overlapping memory"),
         ("n_iter_zero", lambda ws, vs, gs: dict(n_iter=0), ValueError, "n_iter must be >= 1"),
         ("n_iter_float", lambda ws, vs, gs: dict(n_iter=1.5), TypeError, "n_iter must be an int"),
@@ -66,7 +75,7 @@ def _cases():
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
 def test_bad_input_raises_and_changes_nothing(case, backend):
     _, mutate, exc, fragment = case
-    ws, vs, gs = _good()
+    ws, vs, gs = _good(backend)
     kwargs = dict(weights=ws, vs=vs, grads=gs, lam=0.1, n_iter=1, backend=backend)
     kwargs.update(mutate(ws, vs, gs))
     snapshot = [t.clone() for t in ws + vs + gs]
@@ -103,7 +112,7 @@ def test_backend_cpu_rejects_other_devices():
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend cannot run here")
 def test_backend_triton_rejects_float64_and_other_devices():
-    ws, vs, gs = _good()
+    ws, vs, gs = _good("triton")
     w64 = [ws[0].double(), ws[1]]
     v64 = [vs[0].double(), vs[1]]
     g64 = [gs[0].double(), gs[1]]
@@ -146,3 +155,14 @@ def test_cpp_kernel_checks_direct_op_calls():
                 torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args)
     for before, after in zip(snapshot, ws + vs + gs):
         assert torch.equal(before, after)
+
+
+def test_backend_is_checked_without_weights():
+    """A regularizer checks its backend before its model may be moved to the device: with no
+    weights only the name and the build count (on a GPU this used to reject 'cuda')."""
+    for name, info in se.available_backends().items():
+        if info.available:
+            assert se.resolve_backend([], name) == name
+        else:
+            with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable"):
+                se.resolve_backend([], name)
