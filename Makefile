@@ -63,8 +63,9 @@ cmake-check: setup
 	  m = u.module_from_spec(spec); spec.loader.exec_module(m); \
 	  print('cmake build loads; openmp =', m.openmp(), '; cuda kernels =', m.cuda_compiled(), m.cuda_archs())"
 
-# on a machine with a CUDA GPU and its own torch (no venv): build from source, compute-sanitizer,
-# the native test suite and the GPU benchmark table, results under $$OUT (benchmarks/gpu_check.sh)
+# on a machine with a CUDA GPU and its own torch (no venv): build from source, then the stages
+# asked for (STAGES=sanitize,test,bench: compute-sanitizer, the native suite, the GPU table),
+# results under $$OUT (benchmarks/gpu_check.sh); every call builds, so each is self-contained
 gpu-check:
 	bash benchmarks/gpu_check.sh $(STAGES)
 
