@@ -9,6 +9,7 @@
 // with the zero-matrix and non-finite rules documented there.
 #pragma once
 
+#include <cmath>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -61,6 +62,13 @@ inline std::string py_dtype(at::ScalarType t) {
     case at::kBool: return "torch.bool";
     default: return std::string("torch.") + c10::toString(t);
   }
+}
+
+// lam of fused_step: a finite number >= 0 (a negative lam would maximize the spectral norm).
+inline void check_lam(double lam) {
+  TORCH_CHECK_VALUE(std::isfinite(lam), "lam must be finite, got ", lam);
+  TORCH_CHECK_VALUE(lam >= 0, "lam must be >= 0 (it scales the penalty lam/2 * sigma^2), got ",
+                    lam);
 }
 
 // Checks metadata only (no device synchronisation), in the same order and with the same

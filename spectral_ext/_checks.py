@@ -51,6 +51,8 @@ def check_lam(lam) -> float:
     lam = float(lam)
     if not math.isfinite(lam):
         raise ValueError(f"lam must be finite, got {lam}")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0 (it scales the penalty lam/2 * sigma^2), got {lam}")
     return lam
 
 

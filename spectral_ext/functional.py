@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from . import _checks, _ops, reference
+from . import _checks, _ops, distributed, reference
 
 __all__ = ["fused_step", "spectral_norms", "available_backends", "resolve_backend", "Backend",
            "BACKENDS"]
@@ -107,11 +107,15 @@ def available_backends() -> Dict[str, Backend]:
     return out
 
 
-def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> str:
-    """The concrete backend that ``backend`` means for these weights; raises if it cannot run."""
+def _check_backend_name(backend: str) -> None:
     if backend not in ("auto",) + BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of "
                          f"{', '.join(repr(b) for b in ('auto',) + BACKENDS)}")
+
+
+def resolve_backend(weights: Sequence[torch.Tensor], backend: str = "auto") -> str:
+    """The concrete backend that ``backend`` means for these weights; raises if it cannot run."""
+    _check_backend_name(backend)
     # No weights: nothing to place, so only the name and the build are checked (a regularizer
     # checks its backend before the model may be moved; an empty step runs the reference).
     device = weights[0].device if len(weights) else None
@@ -173,6 +177,9 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
     """
     lam, n_iter = _checks.check_lam(lam), _checks.check_n_iter(n_iter)
     weights, vs = _checks.as_list("weights", weights), _checks.as_list("vs", vs)
+    if distributed.any_dtensor(weights):     # sharded weights: the full matrices' norms
+        _check_backend_name(backend)
+        return distributed.fused_step(weights, vs, lam, n_iter, grads)
     name = resolve_backend(weights, backend)
     if name == "reference" or not weights:
         return reference.fused_step(weights, vs, lam=lam, n_iter=n_iter, grads=grads)
@@ -202,6 +209,10 @@ def spectral_norms(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], 
     copied into ``vs`` so the next call warm-starts.  ``(lam / 2 * sigma**2).sum()`` added to a
     loss gives exactly the gradient that :func:`fused_step` adds.
     """
+    if distributed.any_dtensor(_checks.as_list("weights", weights)):
+        _check_backend_name(backend)
+        return distributed.spectral_norms(list(weights), _checks.as_list("vs", vs),
+                                          _checks.check_n_iter(n_iter), update=update)
     sigma, _, _ = spectral_norms_with_vectors(weights, vs, n_iter, backend=backend, update=update)
     return sigma
 
@@ -210,6 +221,9 @@ def spectral_norms_with_vectors(weights, vs, n_iter: int = 1, *, backend: str = 
                                 update: bool = True
                                 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Like :func:`spectral_norms`, also returning the final ``us`` and ``vs_new``."""
+    if distributed.any_dtensor(_checks.as_list("weights", weights)):
+        raise TypeError("spectral_norms_with_vectors takes plain tensors; for DTensor weights use "
+                        "spectral_norms (u is sharded like the rows of each weight)")
     weights, vs = _checks.check_weights_and_vectors(weights, vs)
     n_iter = _checks.check_n_iter(n_iter)
     name = resolve_backend(weights, backend)

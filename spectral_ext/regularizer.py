@@ -4,10 +4,15 @@
     loss.backward(); reg.step(); optimizer.step()     # fused: adds lam*sigma*u v^T to each .grad
     # or, differentiable:  loss = loss + reg.penalty(); loss.backward()
 
-Which weights: the ``weight`` of every module of ``include_types`` (default: Linear, Conv1d/2d/3d
-and ConvTranspose1d/2d/3d) that requires grad; biases, norms and embeddings are not collected
-unless asked for.  Tied weights (one Parameter in several modules) are collected once, under the
-first name.
+Which weights (``collect_weights``): by default the weight matrices of every module of
+``DEFAULT_MODULE_TYPES``: ``weight`` of Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d, every
+``weight_*`` matrix of RNN/LSTM/GRU (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...), and
+MultiheadAttention's ``in_proj_weight`` (or ``q/k/v_proj_weight``; its ``out_proj`` is a
+Linear).  Biases, norms and embeddings are not collected unless asked for (``include_types``
+with nn.Embedding; ``include_params`` for any parameter by name).  Tied weights (one Parameter in
+several modules) are collected once, under the first name.  Parametrized weights
+(``torch.nn.utils.parametrize``: weight_norm, orthogonal, ...) are regularized through their
+parametrization: the gradient reaches the underlying parameters.
 
 Matricization: every weight is matricized along dim 0 as stored, ``W.reshape(W.shape[0], -1)``.
 For Conv that is out x in*kh*kw, as in the paper.  For ConvTranspose the stored weight is
@@ -16,77 +21,226 @@ adjoint of the Conv(out -> in) whose weight it stores, and an operator and its a
 same norm, so this is the paper's matricization of that Conv; it also needs no copy.  (PyTorch's
 ``spectral_norm`` uses dim=1 for ConvTranspose, i.e. out x in*kh*kw: a different matrix.)
 
+The regularizer follows the model.  It keeps the parameter *names* and a reference to the
+model (not registered as a submodule: the model's weights are not in the regularizer's
+state_dict), and before each ``step()`` / ``penalty()`` checks (one identity test per weight) that each
+name still holds the Parameter it saw.  When one was replaced (``fully_shard``, ``to_empty``,
+``load_state_dict(assign=True)``, a parametrization registered later, a submodule swapped) it
+binds the new one and keeps its vector if the full matrix shape is unchanged; a name that no
+longer resolves, or a shape that changed, raises an error saying so.  Vectors follow the weights'
+device (a vector left on the meta device is drawn again from the seed).  Weights with
+``requires_grad=False`` are skipped (no ``.grad`` is created): ``covered_names()`` lists what a
+step covers.  ``copy.deepcopy(reg)`` follows the same model; ``reg.attach(other_model)`` binds
+another model with the same weights (a deep copy of the model, say).
+
 State: one persistent vector per weight, kept as buffers under ``vectors.<name with / for .>``,
 plus the last sigmas (``last_sigma``), so ``state_dict()`` / ``load_state_dict()`` resume
-bit-identically.  The vectors follow ``.to(device)``; they stay float32 (or float64) whatever dtype
-the module is cast to, since a bfloat16 vector would lose the power iteration's precision.
-The regularizer does not own the model: move it with ``reg.to(device)`` when you move the model.
+bit-identically.  The vectors stay float32 (or float64) whatever dtype the module is cast to,
+since a bfloat16 vector would lose the power iteration's precision.
 """
 
 from __future__ import annotations
 
+import copy
+import operator
 import re
-from typing import Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import _checks
+from .distributed import is_dtensor
 from .functional import fused_step, resolve_backend, spectral_norms
 from .reference import init_vectors
 
-__all__ = ["SpectralNormRegularizer", "DEFAULT_MODULE_TYPES"]
+__all__ = ["SpectralNormRegularizer", "DEFAULT_MODULE_TYPES", "collect_weights"]
 
 DEFAULT_MODULE_TYPES: Tuple[Type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.RNNBase, nn.MultiheadAttention,
 )
 
+Patterns = Union[str, Iterable[str], None]
 
-def _matches(name: str, patterns: Optional[Iterable[str]]) -> bool:
-    return any(re.search(p, name) for p in patterns or ())
+
+def _patterns(name: str, patterns: Patterns) -> List[str]:
+    """A bare string is one pattern (not a sequence of one-character patterns)."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    out = list(patterns)
+    for p in out:
+        if not isinstance(p, str):
+            raise TypeError(f"{name} must be a regular expression or a list of them, "
+                            f"got an element {p!r}")
+    return out
+
+
+def _matches(name: str, patterns: List[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def _matrix_keys(mod: nn.Module) -> List[str]:
+    """The names of the weight matrices a module type holds (parametrized ones included)."""
+    if isinstance(mod, nn.RNNBase):
+        return [k for k in mod._flat_weights_names if k.startswith("weight_")]
+    if isinstance(mod, nn.MultiheadAttention):
+        return [k for k in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if _has_tensor(mod, k)]
+    return ["weight"] if _has_tensor(mod, "weight") else []
+
+
+def _has_tensor(mod: nn.Module, key: str) -> bool:
+    return parametrize.is_parametrized(mod, key) or isinstance(mod._parameters.get(key), nn.Parameter)
+
+
+class _Site(NamedTuple):
+    """Where a weight lives: module path and attribute (``name = path + "." + key``)."""
+    name: str
+    path: str
+    key: str
+
+
+def _split(name: str) -> Tuple[str, str]:
+    path, _, key = name.rpartition(".")
+    return path, key
+
+
+def _lookup(mod: nn.Module, key: str) -> Tuple[Optional[torch.Tensor], bool]:
+    """(the Parameter registered under key or None, whether key is parametrized)."""
+    if parametrize.is_parametrized(mod, key):
+        return None, True
+    return mod._parameters.get(key), False
+
+
+def _site_of(name: str) -> _Site:
+    path, key = _split(name)
+    return _Site(name, path, key)
 
 
 def collect_weights(model: nn.Module, include_types: Sequence[type] = DEFAULT_MODULE_TYPES,
                     exclude_types: Sequence[type] = (),
-                    include_names: Optional[Sequence[str]] = None,
-                    exclude_names: Optional[Sequence[str]] = None
-                    ) -> List[Tuple[str, nn.Parameter]]:
+                    include_names: Patterns = None, exclude_names: Patterns = None,
+                    include_params: Patterns = None) -> List[Tuple[str, torch.Tensor]]:
     """(name, weight) pairs the regularizer would hold; see the module docstring for the rules.
 
-    ``include_names`` / ``exclude_names`` are regular expressions searched in the parameter's
-    qualified name (e.g. ``"features.0.weight"``): with include_names, only matching weights are
-    collected; exclude_names drops matching ones.
+    ``include_names`` / ``exclude_names`` are regular expressions (a bare string is one) searched
+    in the qualified name (e.g. ``"features.0.weight"``): with include_names only matching
+    weights are collected; exclude_names drops matching ones.  ``include_params`` adds any
+    parameter whose name matches, whatever its module (it must have at least 2 dimensions).
+    A parametrized weight is returned as its current value (``module.weight``, computed).
     """
+    include_names = _patterns("include_names", include_names)
+    exclude_names = _patterns("exclude_names", exclude_names)
+    include_params = _patterns("include_params", include_params)
     out, seen = [], set()
+
+    def add(name, mod, key, asked):
+        p, parametrized = _lookup(mod, key)
+        w = getattr(mod, key) if parametrized else p
+        ident = id(mod.parametrizations[key]) if parametrized else id(p)
+        if ident in seen or _matches(name, exclude_names):
+            return
+        if include_names and not asked and not _matches(name, include_names):
+            return
+        if w.dim() < 2:
+            raise ValueError(f"{name} ({type(mod).__name__}) has shape {tuple(w.shape)}: a "
+                             "spectral norm needs a weight with at least 2 dimensions; exclude "
+                             "this module")
+        seen.add(ident)
+        out.append((name, w))
+
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, tuple(include_types)) or isinstance(mod, tuple(exclude_types)):
             continue
-        w = getattr(mod, "weight", None)
-        if not isinstance(w, nn.Parameter) or not w.requires_grad or id(w) in seen:
-            continue
-        name = f"{mod_name}.weight" if mod_name else "weight"
-        if include_names is not None and not _matches(name, include_names):
-            continue
-        if _matches(name, exclude_names):
-            continue
-        if w.dim() < 2:
-            raise ValueError(f"{name} ({type(mod).__name__}) has shape {tuple(w.shape)}: a spectral "
-                             "norm needs a weight with at least 2 dimensions; exclude this module")
-        seen.add(id(w))
-        out.append((name, w))
+        for key in _matrix_keys(mod):
+            add(f"{mod_name}.{key}" if mod_name else key, mod, key, False)
+    if include_params:
+        for mod_name, mod in model.named_modules():
+            keys = [k for k, p in mod._parameters.items() if p is not None]
+            if parametrize.is_parametrized(mod):
+                keys += list(mod.parametrizations.keys())
+            for key in keys:
+                name = f"{mod_name}.{key}" if mod_name else key
+                if _matches(name, include_params):
+                    add(name, mod, key, True)
     return out
+
+
+# Any Parameter or submodule registered through setattr/register_* anywhere bumps this counter,
+# so a step notices a swapped submodule with one integer comparison; a Parameter replaced by
+# writing module._parameters directly (fully_shard, to_empty) is caught by the identity test.
+_GENERATION = [0]
+_HOOKS: List = []
+
+
+def _bump(*_args):
+    _GENERATION[0] += 1
+
+
+def _install_hooks():
+    if not _HOOKS:
+        from torch.nn.modules import module as _module
+        _HOOKS.append(_module.register_module_parameter_registration_hook(_bump))
+        _HOOKS.append(_module.register_module_module_registration_hook(_bump))
+
+
+_requires_grad = operator.attrgetter("requires_grad")
+
+
+def _all_require_grad(params) -> bool:
+    if torch.compiler.is_compiling():     # Dynamo traces plain Python, not attrgetter
+        return all(p.requires_grad for p in params)
+    return all(map(_requires_grad, params))
+
+
+class _Binding:
+    """The tensors the names resolve to now, and what a step needs of them."""
+
+    def __init__(self, generation, params, dicts, keys, parametrized, sharded):
+        self.generation = generation
+        self.params = params                # Parameter per weight; None where parametrized
+        self.dicts = dicts                  # the owning modules' _parameters dicts
+        self.keys = keys
+        self.parametrized = parametrized    # {index: module} of parametrized weights
+        self.sharded = sharded              # indices of the weights that are DTensors now
+        # one fused_step call covers every weight (the common case: a fast path)
+        self.uniform = not parametrized and len(sharded) in (0, len(params))
+
+    def current(self) -> bool:
+        if torch.compiler.is_compiling():     # the same test in plain Python, for Dynamo
+            return self.generation == _GENERATION[0] and all(
+                d.get(k) is p for d, k, p in zip(self.dicts, self.keys, self.params))
+        return (self.generation == _GENERATION[0]
+                and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.params)))
+
+
+class _ModelRef:
+    """Holds the model outside nn.Module's registration (not a submodule, not in state_dict)."""
+    __slots__ = ("model",)
+
+    def __init__(self, model):
+        self.model = model
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 class SpectralNormRegularizer(nn.Module):
     """Spectral norm regularization of every collected weight of ``model``.
 
     Args:
-        model: the network whose weights are regularized (not registered as a submodule).
-        lam: the coefficient of lam/2 * sum sigma^2.
+        model: the network whose weights are regularized (referenced, not registered as a
+            submodule).
+        lam: the coefficient of lam/2 * sum sigma^2 (>= 0).
         n_iter: power iterations per step (1 reuses last step's vector, as in the paper).
-        include_types / exclude_types: module types whose ``weight`` is (not) collected.
-        include_names / exclude_names: regular expressions on parameter names.
+        include_types / exclude_types: module types whose weight matrices are (not) collected.
+        include_names / exclude_names: regular expressions on parameter names (a string is one).
+        include_params: regular expressions; any parameter whose name matches is also collected.
         seed: seed of the generator the initial vectors are drawn from.
         backend: "auto", "reference", "cpu", "cuda" or "triton" (see
             ``spectral_ext.available_backends()``).
@@ -95,38 +249,142 @@ class SpectralNormRegularizer(nn.Module):
     def __init__(self, model: nn.Module, lam: float = 0.01, n_iter: int = 1, *,
                  include_types: Sequence[type] = DEFAULT_MODULE_TYPES,
                  exclude_types: Sequence[type] = (),
-                 include_names: Optional[Sequence[str]] = None,
-                 exclude_names: Optional[Sequence[str]] = None,
+                 include_names: Patterns = None, exclude_names: Patterns = None,
+                 include_params: Patterns = None,
                  seed: int = 0, backend: str = "auto"):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.lam = _checks.check_lam(lam)
         self.n_iter = _checks.check_n_iter(n_iter)
-        resolve_backend([], backend)  # rejects an unknown name now rather than at the first step
+        resolve_backend([], backend)  # rejects an unknown or unbuilt backend now
         self.backend = backend
-        pairs = collect_weights(model, include_types, exclude_types, include_names, exclude_names)
+        self.seed = seed
+        pairs = collect_weights(model, include_types, exclude_types, include_names, exclude_names,
+                                include_params)
         if not pairs:
             raise ValueError("SpectralNormRegularizer found no weight to regularize in the model "
-                             "(check include_types / include_names / requires_grad)")
+                             "(check include_types / include_names / include_params)")
         self.names: List[str] = [n for n, _ in pairs]
-        # plain list: the model's Parameters are referenced, not registered (no double state_dict)
-        self._weights: List[nn.Parameter] = [w for _, w in pairs]
+        self._sites = [_site_of(n) for n in self.names]
         self._keys = [n.replace(".", "/") for n in self.names]
+        self._shapes = [_checks.matrix_shape(w) for _, w in pairs]
         self.vectors = nn.Module()
-        for key, v in zip(self._keys, init_vectors(self._weights, seed=seed)):
+        for key, v in zip(self._keys, init_vectors([w for _, w in pairs], seed=seed)):
             self.vectors.register_buffer(key, v)
+        weights = [w for _, w in pairs]
         self.register_buffer("last_sigma", torch.zeros(
-            len(pairs), dtype=_checks.sigma_dtype(self._weights), device=self._weights[0].device))
+            len(pairs), dtype=_checks.sigma_dtype(weights), device=weights[0].device))
+        _install_hooks()
+        self._model = _ModelRef(model)
+        self._binding: Optional[_Binding] = None
+        self._index_cache: Dict[Tuple, torch.Tensor] = {}
+
+    # ---- binding to the model ---------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> "SpectralNormRegularizer":
+        """Follow ``model`` from now on (e.g. a deep copy of the model this regularizer was built
+        for); its weights must have the same names and matrix shapes."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self._model = _ModelRef(model)
+        self._binding = None
+        self._bind()
+        return self
+
+    def _bind(self) -> _Binding:
+        """The current binding, rebuilt (and the vectors moved) if anything changed."""
+        b = self._binding
+        if b is not None and b.current():
+            return b
+        model = self._model.model if self._model is not None else None
+        if model is None:
+            raise RuntimeError(
+                "this SpectralNormRegularizer follows no model (it was unpickled, and a pickle "
+                "keeps no model): call reg.attach(model) with the model to follow")
+        generation = _GENERATION[0]
+        params, dicts, keys, parametrized, sharded = [], [], [], {}, set()
+        for i, site in enumerate(self._sites):
+            try:
+                mod = model.get_submodule(site.path) if site.path else model
+                p, is_param = _lookup(mod, site.key)
+            except AttributeError as exc:
+                raise RuntimeError(
+                    f"{site.name} no longer resolves in the model ({exc}); the model's structure "
+                    "changed after the regularizer was built: build a new regularizer (and load "
+                    "its state if the weights are the same)") from None
+            if is_param:
+                w = getattr(mod, site.key)
+                parametrized[i] = mod
+            elif isinstance(p, nn.Parameter):
+                w = p
+            else:
+                raise RuntimeError(
+                    f"{site.name} is no longer a parameter of the model (it is "
+                    f"{type(p).__name__ if p is not None else 'gone'}); build a new regularizer")
+            shape = _checks.matrix_shape(w)
+            if shape != self._shapes[i]:
+                raise RuntimeError(
+                    f"{site.name} changed from a {self._shapes[i][0]} x {self._shapes[i][1]} to a "
+                    f"{shape[0]} x {shape[1]} matrix after the regularizer was built, so its "
+                    "vector no longer fits: build a new regularizer")
+            self._follow_device(i, w)
+            if is_dtensor(w):
+                sharded.add(i)
+            params.append(None if is_param else p)
+            dicts.append(mod._parameters)
+            keys.append(site.key)
+            device = w.device
+        self._binding = _Binding(generation, params, dicts, keys, parametrized, sharded)
+        if self.last_sigma.device != device:
+            self.last_sigma = (torch.zeros_like(self.last_sigma, device=device)
+                               if self.last_sigma.device.type == "meta"
+                               else self.last_sigma.to(device))
+        self._index_cache.clear()
+        return self._binding
+
+    def _follow_device(self, i: int, w: torch.Tensor) -> None:
+        bufs = self.vectors._buffers
+        v = bufs[self._keys[i]]
+        if v.device == w.device:
+            return
+        if v.device.type == "meta":     # built on a meta model: no values to move, draw again
+            shapes = [torch.zeros(()).expand(s) for s in self._shapes]   # no storage
+            fresh = init_vectors(shapes, seed=self.seed)[i]
+            bufs[self._keys[i]] = fresh.to(device=w.device, dtype=v.dtype)
+        else:
+            bufs[self._keys[i]] = v.to(w.device)
+
+    def _weights_now(self, b: _Binding) -> List[torch.Tensor]:
+        return [p if p is not None else getattr(b.parametrized[i], self._sites[i].key)
+                for i, p in enumerate(b.params)]
 
     # ---- state ----------------------------------------------------------------------------------
 
     @property
-    def weights(self) -> List[nn.Parameter]:
-        return list(self._weights)
+    def weights(self) -> List[torch.Tensor]:
+        """The weights the names resolve to now (a parametrized weight's current value)."""
+        return self._weights_now(self._bind())
 
     def vs(self) -> List[torch.Tensor]:
         """The persistent vectors, in the order of ``names``."""
         bufs = self.vectors._buffers
         return [bufs[k] for k in self._keys]
+
+    def covered_names(self) -> List[str]:
+        """The names of the weights a step covers now: those that require grad."""
+        return [self.names[i] for i in self._active(self._bind())]
+
+    def _active(self, b: _Binding) -> List[int]:
+        out = []
+        for i, p in enumerate(b.params):
+            if p is not None:
+                if p.requires_grad:
+                    out.append(i)
+            elif any(t.requires_grad for t in
+                     b.parametrized[i].parametrizations[self._sites[i].key].parameters()):
+                out.append(i)
+        return out
 
     def _apply(self, fn, recurse=True):
         # Follow device moves, but never let a cast (.half(), .to(bfloat16)) degrade the vectors.
@@ -137,53 +395,163 @@ class SpectralNormRegularizer(nn.Module):
             return out
         return super()._apply(keep_precision, recurse)
 
-    def _check_device(self):
-        wdev = self._weights[0].device
-        if self.last_sigma.device != wdev:
-            raise RuntimeError(f"the regularizer's vectors are on {self.last_sigma.device} but the "
-                               f"model's weights are on {wdev}: call reg.to({str(wdev)!r})")
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Before anything is copied (the vectors load after this, in the child module): each
+        # loaded vector must be finite and nonzero, or a power iteration from it never recovers
+        # (a zero v would leave its layer unregularized for good).  Reads the values: a
+        # synchronisation at load time, never in a step.
+        for name, key in zip(self.names, self._keys):
+            v = state_dict.get(f"{prefix}vectors.{key}")
+            if v is None or v.device.type == "meta":
+                continue
+            n = float(torch.linalg.vector_norm(v.double()))
+            if not 0 < n < float("inf"):
+                raise ValueError(f"the loaded vector of {name} is {'zero' if n == 0 else 'not finite'}"
+                                 ": a power iteration from it never recovers; load a valid state "
+                                 "or build a new regularizer")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        # A copy follows the same model (the model is not copied with it); if the model was
+        # copied in the same deepcopy before the regularizer, the copy follows the model's copy.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        model = self._model.model if self._model is not None else None
+        for k, v in self.__dict__.items():
+            if k == "_model":
+                new.__dict__[k] = (_ModelRef(memo[id(model)]) if model is not None
+                                   and id(model) in memo else v)
+            elif k in ("_binding",):
+                new.__dict__[k] = None
+            elif k == "_index_cache":
+                new.__dict__[k] = {}
+            else:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def __getstate__(self):
+        # pickling (torch.save(reg)) keeps no model: call attach(model) after loading
+        state = self.__dict__.copy()
+        state["_model"] = None
+        state["_binding"] = None
+        state["_index_cache"] = {}
+        return state
 
     @property
     def active_backend(self) -> str:
         """The backend ``step()`` runs with for the weights as they are now."""
-        return resolve_backend(self._weights, self.backend)
+        return resolve_backend(self.weights, self.backend)
 
     # ---- the two ways to use it ---------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """After ``loss.backward()``: one fused step; adds lam*sigma*u v^T to each weight's
-        ``.grad`` (created if None) and returns sigma per weight.  No host synchronisation.
-        With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``."""
-        self._check_device()
-        sig = fused_step(self._weights, self.vs(), lam=self.lam, n_iter=self.n_iter,
-                         backend=self.backend)
-        self.last_sigma.copy_(sig)
-        return sig
+        """After ``loss.backward()``: one fused step; adds lam*sigma*u v^T to the gradient of
+        each covered weight (``.grad``, created if None; through the parametrization for a
+        parametrized weight) and returns sigma per covered weight, in the order of
+        ``covered_names()`` (all names when every weight requires grad).  No host
+        synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``."""
+        b = self._bind()
+        vs = self.vs()
+        if b.uniform and _all_require_grad(b.params):   # the common case: one call
+            sig = fused_step(b.params, vs, lam=self.lam, n_iter=self.n_iter, backend=self.backend)
+            self.last_sigma.copy_(sig)
+            return sig
+        active = self._active(b)
+        order, parts = [], []
+        for (para, _), idx in self._groups(b, active):
+            if para:     # through the parametrization: autograd carries the gradient back
+                with torch.enable_grad():
+                    ws = [getattr(b.parametrized[i], self._sites[i].key) for i in idx]
+                    sig = spectral_norms(ws, [vs[i] for i in idx], self.n_iter,
+                                         backend=self.backend)
+                    (self.lam / 2 * (sig * sig).sum()).backward(inputs=self._originals(b, idx))
+                sig = sig.detach()
+            else:
+                sig = fused_step([b.params[i] for i in idx], [vs[i] for i in idx], lam=self.lam,
+                                 n_iter=self.n_iter, backend=self.backend)
+            order += idx
+            parts.append(sig)
+        return self._record(active, order, parts)
 
     def penalty(self) -> torch.Tensor:
-        """The differentiable penalty lam/2 * sum sigma^2 (one power iteration per call, vectors
-        updated); add it to the loss instead of calling ``step()``."""
-        self._check_device()
-        sig = spectral_norms(self._weights, self.vs(), self.n_iter, backend=self.backend)
+        """The differentiable penalty lam/2 * sum sigma^2 over the covered weights (one power
+        iteration per call, vectors updated); add it to the loss instead of calling ``step()``.
+        Under FSDP2 it may run while some weights are unsharded (plain tensors) and others
+        sharded: each kind is computed on its own, both give the full matrices' norms."""
+        b = self._bind()
+        vs = self.vs()
+        active = self._active(b)
+        weights = self._weights_now(b)
+        order, parts = [], []
+        for (_, sharded), idx in self._groups(b, active, by_parametrization=False):
+            parts.append(spectral_norms([weights[i] for i in idx], [vs[i] for i in idx],
+                                        self.n_iter, backend=self.backend))
+            order += idx
+        sig = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else
+                                                        self.last_sigma.new_zeros(0))
         with torch.no_grad():
-            self.last_sigma.copy_(sig)
+            self._record(active, order, [sig.detach()])
         return self.lam / 2 * (sig * sig).sum()
+
+    def _groups(self, b: _Binding, active: List[int], by_parametrization: bool = True):
+        """The active weights grouped by how one call computes them: (parametrized, DTensor)."""
+        groups: Dict[Tuple[bool, bool], List[int]] = {}
+        for i in active:
+            key = (by_parametrization and i in b.parametrized,
+                   i in b.sharded if i not in b.parametrized
+                   else is_dtensor(getattr(b.parametrized[i], self._sites[i].key)))
+            groups.setdefault(key, []).append(i)
+        return sorted(groups.items())
+
+    def _originals(self, b: _Binding, idx: List[int]) -> List[torch.Tensor]:
+        out = []
+        for i in idx:
+            plist = b.parametrized[i].parametrizations[self._sites[i].key]
+            out += [t for t in plist.parameters() if t.requires_grad]
+        return out
+
+    def _record(self, active: List[int], order: List[int], parts: List[torch.Tensor]):
+        """Store the sigmas computed for ``order`` (concatenated ``parts``) into last_sigma and
+        return them in the order of ``active``."""
+        if not parts:
+            return self.last_sigma.new_empty((0,))
+        sig = torch.cat([p.to(self.last_sigma.dtype) for p in parts]) if len(parts) > 1 \
+            else parts[0].to(self.last_sigma.dtype)
+        if order != active:
+            pos = {i: k for k, i in enumerate(order)}
+            sig = sig[self._index([pos[i] for i in active])]
+        if len(active) == len(self.names):
+            self.last_sigma.copy_(sig)
+        else:
+            self.last_sigma.index_copy_(0, self._index(active), sig)
+        return sig
+
+    def _index(self, idx: List[int]) -> torch.Tensor:
+        key = tuple(idx)
+        t = self._index_cache.get(key)
+        if t is None or t.device != self.last_sigma.device:
+            t = torch.tensor(idx, dtype=torch.long).to(self.last_sigma.device)
+            self._index_cache[key] = t
+        return t
 
     # ---- monitoring ---------------------------------------------------------------------------
 
     def sigmas(self) -> torch.Tensor:
-        """The estimates of the last step (a copy)."""
+        """The estimates of the last step (a copy; a weight not yet covered by a step is 0)."""
         return self.last_sigma.clone()
 
     @torch.no_grad()
     def exact_sigmas(self) -> torch.Tensor:
         """The exact largest singular value of each matricized weight, by SVD (for monitoring;
         costly on large layers)."""
-        return torch.stack([
-            torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).to(_checks.acc_dtype(w.dtype)), ord=2)
-            .to(self.last_sigma.dtype) for w in self._weights])
+        out = []
+        for w in self.weights:
+            full = w.full_tensor() if hasattr(w, "full_tensor") else w
+            m = full.reshape(full.shape[0], -1).to(_checks.acc_dtype(full.dtype))
+            out.append(torch.linalg.matrix_norm(m, ord=2).to(self.last_sigma.dtype))
+        return torch.stack(out)
 
     def extra_repr(self) -> str:
-        return (f"{len(self._weights)} weights, lam={self.lam}, n_iter={self.n_iter}, "
+        return (f"{len(self.names)} weights, lam={self.lam}, n_iter={self.n_iter}, "
                 f"backend={self.backend!r}")

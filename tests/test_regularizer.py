@@ -32,22 +32,24 @@ class Net(nn.Module):
 
 def test_collects_weights_by_default_types():
     reg = se.SpectralNormRegularizer(Net())
+    # frozen weights are collected (a step skips them while they do not require grad)
     assert reg.names == ["conv1.weight", "conv2.weight", "conv3.weight", "deconv.weight",
-                         "head.weight"]
+                         "head.weight", "frozen.weight"]
+    assert reg.covered_names() == reg.names[:5]
     # ConvTranspose: matricized along dim 0 as stored (in x out*kh*kw)
-    assert [v.shape[0] for v in reg.vs()] == [18, 9, 8, 27, 7]
+    assert [v.shape[0] for v in reg.vs()] == [18, 9, 8, 27, 7, 3]
 
 
 def test_include_exclude_by_type_and_name():
     net = Net()
-    assert se.SpectralNormRegularizer(
-        net, include_types=(nn.Linear, nn.Embedding)).names == ["emb.weight", "head.weight"]
+    assert se.SpectralNormRegularizer(net, include_types=(nn.Linear, nn.Embedding)).names == [
+        "emb.weight", "head.weight", "frozen.weight"]
     assert se.SpectralNormRegularizer(net, exclude_types=(nn.ConvTranspose2d, nn.Conv3d)).names == [
-        "conv1.weight", "conv2.weight", "head.weight"]
+        "conv1.weight", "conv2.weight", "head.weight", "frozen.weight"]
     assert se.SpectralNormRegularizer(net, include_names=[r"^conv"]).names == [
         "conv1.weight", "conv2.weight", "conv3.weight"]
     assert se.SpectralNormRegularizer(net, exclude_names=[r"conv\d"]).names == [
-        "deconv.weight", "head.weight"]
+        "deconv.weight", "head.weight", "frozen.weight"]
     with pytest.raises(ValueError, match="no weight to regularize"):
         se.SpectralNormRegularizer(net, include_names=["nothing"])
     with pytest.raises(ValueError, match="ln.weight .LayerNorm. has shape .7,."):
@@ -159,8 +161,14 @@ def test_vectors_keep_their_precision_under_casts_and_follow_devices():
     assert reg.vs()[0].dtype == torch.float64
     reg.to("meta")                    # a device move is followed
     assert reg.vs()[0].device.type == "meta"
-    with pytest.raises(RuntimeError, match=r"call reg.to\('cpu'\)"):
-        reg.step()
+    # the vectors follow the weights back: values lost on meta are drawn again from the seed
+    v0 = se.init_vectors([model.weight], seed=0)[0].double()
+    s_ref = se.reference.fused_step([model.weight], [v0], lam=reg.lam,
+                                    grads=[torch.zeros_like(model.weight)])
+    s = reg.step()
+    assert reg.vs()[0].device.type == "cpu" and reg.vs()[0].dtype == torch.float64
+    assert_rel_close(reg.vs()[0], v0, 1e-6, "v")
+    assert_rel_close(s, s_ref, 1e-6, "sigma")
 
 
 def test_low_precision_model():

@@ -432,6 +432,7 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
 //                          int n_iter) -> Tensor
 at::Tensor fused_step_cpu(at::TensorList weights, at::TensorList vs, at::TensorList grads,
                           double lam, int64_t n_iter) {
+  check_lam(lam);
   return run(weights, vs, &grads, lam, n_iter, nullptr);
 }
 

@@ -329,6 +329,7 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
 //                          int n_iter) -> Tensor
 at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::TensorList grads,
                            double lam, int64_t n_iter) {
+  check_lam(lam);
   check_inputs(weights, vs, &grads, n_iter);
   const at::Device device = weights[0].device();
   TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
