@@ -90,9 +90,10 @@ class _Layer:
                     f"weights[{i}] is sharded on tensor dim {dim} ({p} on mesh dim {d}): the "
                     "matricization rows x cols = shape[0] x prod(shape[1:]) keeps only shards of "
                     "dims 0 and 1 contiguous; shard it on dim 0 or 1")
-        self.key = (tuple(self.row_dims), tuple(self.col_dims))
         local = w.to_local()
         self.acc = _checks.acc_dtype(w.dtype)
+        # layers that share a key share each flat buffer (its dtype is the accumulation dtype)
+        self.key = (tuple(self.row_dims), tuple(self.col_dims), str(self.acc))
         self.W = local.reshape(local.shape[0], -1) if local.numel() else \
             local.new_zeros((local.shape[0], _numel(local.shape[1:])))
         if self.col_dims:
@@ -108,6 +109,15 @@ def _numel(shape) -> int:
     return math.prod(shape) if len(shape) else 1
 
 
+#: what this process has handed to all_reduce (calls, bytes) since the last reset: the example
+#: and the docs report the traffic of a step from it
+traffic = {"calls": 0, "bytes": 0}
+
+
+def reset_traffic() -> None:
+    traffic.update(calls=0, bytes=0)
+
+
 def _allreduce(bufs: List[torch.Tensor], mesh, dims: Sequence[int]) -> List[torch.Tensor]:
     """Sum the tensors over the given mesh dims: one all-reduce of one flat buffer per dim."""
     if not dims or not bufs:
@@ -115,6 +125,8 @@ def _allreduce(bufs: List[torch.Tensor], mesh, dims: Sequence[int]) -> List[torc
     flat = torch.cat([b.reshape(-1) for b in bufs])
     for d in dims:
         dist.all_reduce(flat, group=mesh.get_group(d))
+        traffic["calls"] += 1
+        traffic["bytes"] += flat.numel() * flat.element_size()
     out, k = [], 0
     for b in bufs:
         out.append(flat[k:k + b.numel()].view_as(b))
@@ -137,12 +149,12 @@ def _iterate(layers: List[_Layer], vs: List[torch.Tensor], n_iter: int, mesh):
     u = [None] * len(layers)
     for _ in range(n_iter):
         u_raw = [torch.mv(L.W.to(L.acc), v[i][L.c0:L.c1]) for i, L in enumerate(layers)]
-        for (row_dims, col_dims), idx in groups.items():
+        for (row_dims, col_dims, _), idx in groups.items():
             red = _allreduce([u_raw[i] for i in idx], mesh, col_dims)
             for i, r in zip(idx, red):
                 u_raw[i] = r
         n2 = [_norm64(x).reshape(1) for x in u_raw]
-        for (row_dims, col_dims), idx in groups.items():
+        for (row_dims, col_dims, _), idx in groups.items():
             red = _allreduce([n2[i] for i in idx], mesh, row_dims)
             for i, r in zip(idx, red):
                 n2[i] = r
@@ -151,7 +163,7 @@ def _iterate(layers: List[_Layer], vs: List[torch.Tensor], n_iter: int, mesh):
             nrm = n2[i].sqrt().reshape(()).to(L.acc)
             u[i] = u_raw[i] * torch.where(nrm == 0, 0.0, 1.0 / nrm)
             vp.append(torch.mv(L.W.to(L.acc).t(), u[i]))
-        for (row_dims, col_dims), idx in groups.items():
+        for (row_dims, col_dims, _), idx in groups.items():
             red = _allreduce([vp[i] for i in idx], mesh, row_dims)
             if col_dims:   # the full v': each rank's columns in a zero-padded full-length buffer
                 full = []

@@ -39,7 +39,8 @@ def _cases(world):
     from torch.distributed.tensor import Replicate, Shard
     return [((8, 6), [Shard(0)]), ((7, 5), [Shard(0)]), ((1, 9), [Shard(0)]),
             ((5, 8), [Shard(1)]), ((6, 7), [Shard(1)]), ((6, 4, 3, 3), [Shard(0)]),
-            ((6, 4, 3, 3), [Shard(1)]), ((4, 5), [Replicate()]), ((11, 1), [Shard(0)])]
+            ((6, 4, 3, 3), [Shard(1)]), ((4, 5), [Replicate()]), ((11, 1), [Shard(0)]),
+            ((5, 6), [Shard(0)], torch.float64), ((6, 5), [Shard(1)], torch.float64)]
 
 
 def _sharded_math(rank, world, seed, mesh_shape, placements_2d):
@@ -51,10 +52,11 @@ def _sharded_math(rank, world, seed, mesh_shape, placements_2d):
         cases = _cases(world)
     else:
         cases = [(shape, placements_2d) for shape in ((8, 6), (7, 5), (6, 4, 3, 3), (3, 10))]
-    fulls = [torch.randn(s, generator=gen) for s, _ in cases]
-    grads = [torch.randn(s, generator=gen) for s, _ in cases]
-    dw = [distribute_tensor(f, mesh, p) for f, (_, p) in zip(fulls, cases)]
-    dg = [distribute_tensor(g, mesh, p) for g, (_, p) in zip(grads, cases)]
+    cases = [(c[0], c[1], c[2] if len(c) > 2 else torch.float32) for c in cases]
+    fulls = [torch.randn(s, generator=gen, dtype=dt) for s, _, dt in cases]
+    grads = [torch.randn(s, generator=gen, dtype=dt) for s, _, dt in cases]
+    dw = [distribute_tensor(f, mesh, p) for f, (_, p, _) in zip(fulls, cases)]
+    dg = [distribute_tensor(g, mesh, p) for g, (_, p, _) in zip(grads, cases)]
     vs = se.init_vectors(fulls, seed=seed % 1000)
     vs_ref = [v.clone() for v in vs]
     g_ref = [g.clone() for g in grads]
@@ -68,7 +70,7 @@ def _sharded_math(rank, world, seed, mesh_shape, placements_2d):
         assert_rel_close(v, vr, 1e-5, f"v {i} (rank {rank})")
 
     # the gradient of the differentiable penalty, sharded like the weights
-    dws = [distribute_tensor(f, mesh, p).requires_grad_() for f, (_, p) in zip(fulls, cases)]
+    dws = [distribute_tensor(f, mesh, p).requires_grad_() for f, (_, p, _) in zip(fulls, cases)]
     fw = [f.clone().requires_grad_() for f in fulls]
     v2, v2_ref = [v.clone() for v in vs], [v.clone() for v in vs]
     s = se.spectral_norms(dws, v2, 3)
@@ -81,9 +83,9 @@ def _sharded_math(rank, world, seed, mesh_shape, placements_2d):
         assert_rel_close(a.grad.full_tensor(), b.grad, 1e-5, f"penalty grad {i}")
 
     # many iterations converge to the full matrix's norm (planted gap: fast, certain)
-    planted = [_planted(s[0], torch.Size(s[1:]).numel(), gen).float().reshape(s)
-               for s, _ in cases]
-    dp = [distribute_tensor(f, mesh, p) for f, (_, p) in zip(planted, cases)]
+    planted = [_planted(s[0], torch.Size(s[1:]).numel(), gen).to(dt).reshape(s)
+               for s, _, dt in cases]
+    dp = [distribute_tensor(f, mesh, p) for f, (_, p, _) in zip(planted, cases)]
     vp = se.init_vectors(planted, seed=1)
     sig = se.fused_step(dp, vp, lam=0.0, n_iter=60, grads=[torch.zeros_like(d) for d in dp])
     exact = torch.stack([torch.linalg.matrix_norm(f.reshape(f.shape[0], -1).double(), 2)
@@ -303,3 +305,47 @@ def _dcp(rank, world, seed, ckpt_dir):
 def test_dcp_checkpoint_resumes_a_sharded_run_bit_identically():
     with tempfile.TemporaryDirectory() as d:
         run_ranks(_dcp, 2, SEED % 10000, d, timeout=180)
+
+
+# ---- tensor parallel ----------------------------------------------------------------------------
+
+def _tp(rank, world, seed):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 5))
+    ref = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 5))
+    ref.load_state_dict(model.state_dict())
+    reg = se.SpectralNormRegularizer(model, lam=0.2)             # built before parallelizing
+    r_ref = se.SpectralNormRegularizer(ref, lam=0.2, backend="reference")
+    # colwise: weight 10 x 6 sharded on dim 0; rowwise: weight 5 x 10 sharded on dim 1
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    assert [tuple(w.placements)[0].dim for w in reg.weights] == [0, 1]
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+    model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert_rel_close(reg.step(), r_ref.step(), 1e-5, "sigma")
+    for w, wr in zip(reg.weights, r_ref.weights):
+        assert_rel_close(w.grad.full_tensor(), wr.grad, 1e-5, "grad")
+
+
+def test_tensor_parallel_rowwise_and_colwise():
+    run_ranks(_tp, 2, SEED % 10000, timeout=120)
+
+
+def test_fsdp2_example_runs_with_torchrun():
+    """examples/train_fsdp2.py, as the README runs it (a few steps)."""
+    import subprocess
+    import sys
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "examples", "train_fsdp2.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory() as cwd:    # not the source tree: the installed package
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc-per-node", "2", example, "--steps", "3"],
+                             capture_output=True, text=True, timeout=180, env=env, cwd=cwd)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "2 all-reduces" in out.stdout and "head.weight" in out.stdout, out.stdout
