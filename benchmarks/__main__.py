@@ -22,12 +22,14 @@ one forward+backward pass (benchmarks/estimators.py).
 
 import argparse
 import json
+import os
 import platform
 import sys
 
 import torch
 
 import spectral_ext as se
+from spectral_ext import _ops
 
 from . import estimators, harness, step
 from .models import SETS
@@ -58,7 +60,7 @@ def print_table(rows, impl_names, backends, count_label):
                ("floor ms", 9, lambda r: f"{r['floor_s'] * 1e3:9.3f}")]
     for c in impl_names:
         columns.append((c + " ms", 11, lambda r, c=c: f"{r[c + '_s'] * 1e3:11.3f}"))
-    for b in [n for n in impl_names if n != "naive"]:
+    for b in [n for n in impl_names if n != "naive" and "naive" in impl_names]:
         columns.append((b + " vs naive", 14, lambda r, b=b: f"{r['naive_s'] / r[b + '_s']:13.2f}x"))
     for b in backends:
         columns.append((b + "/floor", 10, lambda r, b=b: f"{r[b + '_s'] / r['floor_s']:10.2f}"))
@@ -106,6 +108,9 @@ def main(argv=None):
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--backends", default=None,
                    help="default: every available native backend of each device")
+    p.add_argument("--baselines", default=",".join(harness.BASELINES),
+                   help="comma list of " + ", ".join(harness.ALL_BASELINES) + " (naive: the "
+                   "tightest loop; naive-outer: the paper-literal one)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or both (comma list)")
     p.add_argument("--n-iter", type=int, default=1)
     p.add_argument("--devices", default=None, help="default: cpu, and cuda when there is a GPU")
@@ -114,6 +119,14 @@ def main(argv=None):
                    help="skip the Hessian/Jacobian estimator iteration table")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if _ops.CPU_EXTENSION_ERROR is not None:
+        sys.exit(f"spectral_ext at {os.path.dirname(se.__file__)} has no kernels "
+                 f"({_ops.CPU_EXTENSION_ERROR}): the table would compare nothing.  Install the "
+                 "package first (`make install`), or run `make bench ARGS=\"...\"`.")
+    baselines = [b for b in args.baselines.split(",") if b]
+    for b in baselines:
+        if b not in harness.ALL_BASELINES:
+            sys.exit(f"unknown baseline {b!r}; choose from {', '.join(harness.ALL_BASELINES)}")
     sets = args.sets.split(",")
     for s in sets:
         if s not in SETS:
@@ -141,7 +154,7 @@ def main(argv=None):
     for dev in devices:
         device = torch.device(dev)
         backends = (args.backends.split(",") if args.backends else harness.native_backends(device))
-        impl_names = list(harness.BASELINES) + backends
+        impl_names = baselines + backends
         copy_bytes = (512 if device.type == "cuda" else 256) << 20
         count_label = "launches" if device.type == "cuda" else "ops"
         for d in dtypes:

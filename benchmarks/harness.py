@@ -11,10 +11,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import spectral_ext as se
 
 from .models import SETS
-from .naive import GroupPlan, grouped_step, naive_step
+from .naive import GroupPlan, grouped_step, naive_outer_step, naive_step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BASELINES = ("naive", "grouped")
+BASELINES = ("naive", "grouped")          # the default columns
+ALL_BASELINES = BASELINES + ("naive-outer",)
 LAM = 0.01
 
 
@@ -56,9 +57,10 @@ def make_impls(weights: Sequence[torch.Tensor], names: Sequence[str], n_iter: in
     impls = {}
     for name in names:
         vs = se.init_vectors(weights)
-        if name == "naive":
+        if name in ("naive", "naive-outer"):
             vs = [v.to(w.dtype) for v, w in zip(vs, weights)]
-            impls[name] = lambda vs=vs: naive_step(weights, vs, lam=lam, n_iter=n_iter)
+            fn = naive_step if name == "naive" else naive_outer_step
+            impls[name] = lambda vs=vs, fn=fn: fn(weights, vs, lam=lam, n_iter=n_iter)
         elif name == "grouped":
             vs = [v.to(w.dtype) for v, w in zip(vs, weights)]
             plan = GroupPlan(weights)

@@ -23,3 +23,21 @@ def test_cli_table_and_json(tmp_path, capsys):
             assert row[f"{name}_count"] > row["layers"]   # several ops per layer
         for key in [k for k in row if k.endswith("_count") and k[:-6] not in ("naive", "grouped")]:
             assert row[key] == 1, f"{key}: a native backend is one op per step"
+
+
+def test_cli_from_the_repository_root_uses_the_installed_package():
+    """`python -m benchmarks` in the checkout (what a README reader types) must not pick up the
+    source tree's spectral_ext, which has no compiled kernels."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import benchmarks, spectral_ext, "
+                          "spectral_ext._ops as o; print(spectral_ext.__file__, "
+                          "o.CPU_EXTENSION_ERROR)"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    path, err = out.stdout.split()[0], out.stdout.split(maxsplit=1)[1].strip()
+    assert not path.startswith(os.path.join(root, "spectral_ext")), path
+    assert err == "None", err

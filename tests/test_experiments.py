@@ -5,12 +5,12 @@ import torch
 
 import spectral_ext as se
 from spectral_ext.experiments import digits
-from spectral_ext.experiments.naive import GroupPlan, grouped_step, naive_step
+from spectral_ext.experiments.naive import GroupPlan, grouped_step, naive_outer_step, naive_step
 
 from conftest import assert_rel_close
 
 
-@pytest.mark.parametrize("baseline", ["naive", "grouped", "grouped-plan"])
+@pytest.mark.parametrize("baseline", ["naive", "naive-outer", "grouped", "grouped-plan"])
 @pytest.mark.parametrize("n_iter", [1, 3])
 def test_baselines_match_reference(baseline, n_iter):
     """The baselines of the benchmarks compute the same thing (apples to apples): repeated
@@ -22,8 +22,9 @@ def test_baselines_match_reference(baseline, n_iter):
     for w in weights:
         w.grad = torch.randn_like(w)
     g_ref = [w.grad.clone() for w in weights]
-    if baseline == "naive":
-        s = naive_step(weights, vs, lam=0.2, n_iter=n_iter)
+    if baseline.startswith("naive"):
+        step = naive_step if baseline == "naive" else naive_outer_step
+        s = step(weights, vs, lam=0.2, n_iter=n_iter)
     else:
         plan = GroupPlan(weights) if baseline == "grouped-plan" else None
         s = grouped_step(weights, vs, lam=0.2, n_iter=n_iter, plan=plan)
