@@ -201,10 +201,11 @@ def _all_require_grad(params) -> bool:
 class _Binding:
     """The tensors the names resolve to now, and what a step needs of them."""
 
-    def __init__(self, generation, params, dicts, keys, parametrized, sharded):
+    def __init__(self, generation, params, mods, keys, parametrized, sharded):
         self.generation = generation
         self.params = params                # Parameter per weight; None where parametrized
-        self.dicts = dicts                  # the owning modules' _parameters dicts
+        self.mods = mods                    # the owning modules
+        self.dicts = [m._parameters for m in mods]
         self.keys = keys
         self.parametrized = parametrized    # {index: module} of parametrized weights
         self.sharded = sharded              # indices of the weights that are DTensors now
@@ -303,19 +304,26 @@ class SpectralNormRegularizer(nn.Module):
                 "this SpectralNormRegularizer follows no model (it was unpickled, and a pickle "
                 "keeps no model): call reg.attach(model) with the model to follow")
         generation = _GENERATION[0]
-        params, dicts, keys, parametrized, sharded = [], [], [], {}, set()
+        # No module or submodule was registered since the last binding: the module of every
+        # site is the same object, so only its Parameter is read again (cheap: FSDP2 swaps
+        # sharded and unsharded Parameters this way around each forward).  Otherwise resolve
+        # every name from the model.
+        same_modules = b is not None and b.generation == generation
+        found = []
         for i, site in enumerate(self._sites):
-            try:
-                mod = model.get_submodule(site.path) if site.path else model
-                p, is_param = _lookup(mod, site.key)
-            except AttributeError as exc:
-                raise RuntimeError(
-                    f"{site.name} no longer resolves in the model ({exc}); the model's structure "
-                    "changed after the regularizer was built: build a new regularizer (and load "
-                    "its state if the weights are the same)") from None
+            if same_modules:
+                mod = b.mods[i]
+            else:
+                try:
+                    mod = model.get_submodule(site.path) if site.path else model
+                except AttributeError as exc:
+                    raise RuntimeError(
+                        f"{site.name} no longer resolves in the model ({exc}); the model's "
+                        "structure changed after the regularizer was built: build a new "
+                        "regularizer (and load its state if the weights are the same)") from None
+            p, is_param = _lookup(mod, site.key)
             if is_param:
                 w = getattr(mod, site.key)
-                parametrized[i] = mod
             elif isinstance(p, nn.Parameter):
                 w = p
             else:
@@ -328,14 +336,20 @@ class SpectralNormRegularizer(nn.Module):
                     f"{site.name} changed from a {self._shapes[i][0]} x {self._shapes[i][1]} to a "
                     f"{shape[0]} x {shape[1]} matrix after the regularizer was built, so its "
                     "vector no longer fits: build a new regularizer")
+            found.append((mod, None if is_param else p, is_param, w))
+        # every name resolved and fits: only now change anything
+        params, mods, parametrized, sharded = [], [], {}, set()
+        for i, (mod, p, is_param, w) in enumerate(found):
             self._follow_device(i, w)
+            if is_param:
+                parametrized[i] = mod
             if is_dtensor(w):
                 sharded.add(i)
-            params.append(None if is_param else p)
-            dicts.append(mod._parameters)
-            keys.append(site.key)
-            device = w.device
-        self._binding = _Binding(generation, params, dicts, keys, parametrized, sharded)
+            params.append(p)
+            mods.append(mod)
+        device = found[0][3].device
+        self._binding = _Binding(generation, params, mods, [s.key for s in self._sites],
+                                 parametrized, sharded)
         if self.last_sigma.device != device:
             self.last_sigma = (torch.zeros_like(self.last_sigma, device=device)
                                if self.last_sigma.device.type == "meta"
