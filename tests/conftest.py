@@ -19,6 +19,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SEED = int(os.environ.get("SPECTRAL_EXT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# the order in which the CUDA emulation runs the blocks of a launch (tests/cuda_emulation.py)
+os.environ.setdefault("SPECTRAL_EXT_EMU_ORDER_SEED", str(SEED + 1))
 
 
 def pytest_report_header(config):
