@@ -13,8 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 namespace spectral_ext {
 
@@ -60,6 +63,60 @@ inline std::string py_dtype(at::ScalarType t) {
     case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
     default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// The tensors of one call must not overlap in memory where one of them is written: every v and
+// every gradient needs memory of its own (a gradient that is its weight would change the weight
+// mid-step; a v inside its weight or gradient gives answers that depend on the order of the
+// writes; two overlapping gradients lose updates on a GPU).  Weights may share memory with each
+// other: they are only read.  Byte ranges (from the first to the last element) are compared, so
+// interleaved views of one buffer count as overlapping.  O(n log n), metadata only.
+inline void check_no_overlap(at::TensorList weights, at::TensorList vs,
+                             const at::TensorList* grads) {
+  struct Span {
+    uintptr_t lo, hi;
+    int kind;        // 0 weights, 1 vs, 2 grads
+    size_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(weights.size() * 3);
+  auto add = [&spans](const at::Tensor& t, int kind, size_t index) {
+    if (t.numel() == 0) return;
+    int64_t lo = 0, hi = 0;   // element offsets of the lowest and highest element
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t extent = (t.size(d) - 1) * t.stride(d);
+      (extent < 0 ? lo : hi) += extent;
+    }
+    const auto base = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    const int64_t item = static_cast<int64_t>(t.itemsize());
+    spans.push_back(Span{base + static_cast<uintptr_t>(lo * item),
+                         base + static_cast<uintptr_t>((hi + 1) * item), kind, index});
+  };
+  for (size_t i = 0; i < weights.size(); ++i) add(weights[i], 0, i);
+  for (size_t i = 0; i < vs.size(); ++i) add(vs[i], 1, i);
+  if (grads != nullptr) {
+    for (size_t i = 0; i < grads->size(); ++i) add((*grads)[i], 2, i);
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.lo != b.lo ? a.lo < b.lo : (a.kind != b.kind ? a.kind < b.kind : a.index < b.index);
+  });
+  // sweep: the interval reaching furthest so far, among all and among the written ones
+  const Span* far_any = nullptr;
+  const Span* far_written = nullptr;
+  static const char* const kNames[] = {"weights", "vs", "grads"};
+  for (const Span& s : spans) {
+    const Span* other = s.kind != 0 ? far_any : far_written;
+    if (other != nullptr && s.lo < other->hi) {
+      const Span* a = other;
+      const Span* b = &s;
+      if (std::make_pair(b->kind, b->index) < std::make_pair(a->kind, a->index)) std::swap(a, b);
+      TORCH_CHECK_VALUE(false, kNames[a->kind], "[", a->index, "] and ", kNames[b->kind], "[",
+                        b->index, "] overlap in memory; every v and every gradient of a call "
+                        "needs memory of its own (they are written by the step)");
+    }
+    if (far_any == nullptr || s.hi > far_any->hi) far_any = &s;
+    if (s.kind != 0 && (far_written == nullptr || s.hi > far_written->hi)) far_written = &s;
   }
 }
 
@@ -113,7 +170,10 @@ inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::Te
     TORCH_CHECK_VALUE(dup.second, "vs[", i, "] is the same tensor as vs[", dup.first->second,
                       "]: each layer needs its own vector");
   }
-  if (grads == nullptr) return;
+  if (grads == nullptr) {
+    check_no_overlap(weights, vs, nullptr);
+    return;
+  }
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& w = weights[i];
     const auto& g = (*grads)[i];
@@ -130,6 +190,7 @@ inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::Te
     TORCH_CHECK_VALUE(dup.second, "grads[", i, "] is the same tensor as grads[", dup.first->second,
                       "]; pass each weight once (tied weights must be de-duplicated)");
   }
+  check_no_overlap(weights, vs, grads);
 }
 
 }  // namespace spectral_ext

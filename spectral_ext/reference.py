@@ -165,7 +165,7 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *, l
     (float32, or float64 if any weight is float64).  A drop-in for ``spectral_ext.fused_step``.
     """
     weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam, n_iter)
-    grads = _checks.resolve_grads(weights, grads)
+    grads = _checks.resolve_grads(weights, grads, vs)
     return _fused_step_unchecked(weights, vs, grads, lam, n_iter)
 
 
