@@ -69,6 +69,29 @@ def test_backend_says_why_it_cannot_run():
     assert se.resolve_backend([torch.randn(2, 2)]) == "cpu"     # CPU tensors: never cuda
 
 
+@pytest.mark.parametrize("runtime, driver, devices, fragment", [
+    (13000, 12080, 1, "needs a driver for CUDA 13.0 or newer (R580+); this driver supports CUDA 12.8"),
+    (13000, 0, 0, "this driver was not found"),
+    (13000, 13000, 0, "sees no GPU")])
+def test_old_driver_makes_the_cuda_backend_unavailable(monkeypatch, runtime, driver, devices,
+                                                        fragment):
+    """Item 7: the kernels' static CUDA 13 runtime needs an R580+ driver; with an older one the
+    backend says so (and auto falls back to triton) instead of failing at the first launch."""
+    from spectral_ext import _C
+    if not _C.cuda_compiled():
+        pytest.skip("the CUDA kernels are not built here")
+    monkeypatch.setattr(_C, "cuda_runtime", lambda: (runtime, driver, devices))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    functional._cuda_driver_error.cache_clear()
+    try:
+        info = se.available_backends()["cuda"]
+        assert not info.available and fragment in info.detail, info
+        with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*" + re.escape(fragment)):
+            se.fused_step([torch.randn(3, 4)], [torch.randn(4)], backend="cuda")
+    finally:
+        functional._cuda_driver_error.cache_clear()
+
+
 @needs_gpu
 def test_cuda_backend_rejects_cpu_tensors_and_auto_picks_it():
     with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
@@ -168,6 +191,124 @@ def test_bad_input_changes_nothing(case):
         ops.fused_step(ws, vs, gs, 0.1, n_iter)
     for a, b in zip(ws + vs + gs, snapshot):
         assert torch.equal(a, b)
+
+
+def _ref_step(ws, vs, gs, lam, n_iter):
+    v, g = [x.clone() for x in vs], [x.clone() for x in gs]
+    return reference.fused_step(ws, v, lam=lam, n_iter=n_iter, grads=g), v, g
+
+
+def test_blocks_run_in_a_seeded_random_order():
+    """The emulation runs the blocks of a launch in a random order (SPECTRAL_EXT_EMU_ORDER_SEED,
+    from the test seed): results, whose sums all have a fixed order, are bitwise the same for
+    every order."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(300, 1100), (2100, 3), (1, 5000)])
+    out, hashes = [], set()
+    try:
+        for seed in (0, 1, 2, 12345):
+            ops.block_order(seed)
+            v, g = [x.clone() for x in vs], [x.clone() for x in gs]
+            out.append((ops.fused_step(ws, v, g, 0.1, 2), v, g))
+            hashes.add(ops.last_order_hash())
+    finally:
+        ops.block_order(int(os.environ["SPECTRAL_EXT_EMU_ORDER_SEED"]))
+    assert len(hashes) == 4      # four different orders of the same grid (seed 0: in order)
+    for a in out[1:]:
+        for x, y in zip([out[0][0], *out[0][1], *out[0][2]], [a[0], *a[1], *a[2]]):
+            assert torch.equal(x, y)
+
+
+def test_a_step_that_failed_half_way_leaves_no_stale_counter():
+    """Item 5: the "last block" counters are per call and zeroed at the start of every step (they
+    were in the cached table, zeroed once at upload: a step that died half-way, or two streams
+    on one table, left counts that made the wrong block "last" on every later step)."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(300, 1100), (2100, 3), (64, 64)])
+    ops.fused_step(ws, [v.clone() for v in vs], [g.clone() for g in gs], 0.1, 1)  # table cached
+    ops.fail_after(5)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        ops.fused_step(ws, [v.clone() for v in vs], [g.clone() for g in gs], 0.1, 1)
+    s_ref, v_ref, g_ref = _ref_step(ws, vs, gs, 0.1, 2)
+    s = ops.fused_step(ws, vs, gs, 0.1, 2)
+    assert_rel_close(s, s_ref, 2e-5, "sigma after a failed step")
+    for a, b in zip(vs + gs, v_ref + g_ref):
+        assert_rel_close(a, b, 2e-5, "v / grad after a failed step")
+
+
+def test_tables_of_captured_graphs_are_pinned():
+    """Item 1: a table used while a graph is captured stays cached (not evicted, not cleared)
+    until the graph is destroyed, since a replay uses its pointers; others go least recently
+    used first.  (Capture is emulated: the emulation's capture hook makes the binding see a
+    capturing stream, and its "graphs" own the pins until destroy_graphs; on a GPU a CUDA user
+    object owned by the graph does this: test_cuda_graph_survives_table_eviction below.)"""
+    ops = _emu()
+    ops.clear_plans()
+    ws, vs, gs = _inputs([(5, 7), (3, 2, 2)])
+    ops.fused_step(ws, vs, gs, 0.1, 1)                      # warm-up: uploads the table
+    ops.capture(True)
+    try:
+        ops.fused_step(ws, vs, gs, 0.1, 1)                  # "captured": pins the table
+    finally:
+        ops.capture(False)
+    assert ops.pinned_plans() == 1
+    ops.clear_plans()
+    for _ in range(20):                                      # 20 other tables: evictions
+        ops.fused_step([w.clone() for w in ws], vs, gs, 0.1, 1)
+    ops.capture(True)
+    try:   # a second capture with the same tensors still finds the table (no upload needed)
+        ops.fused_step(ws, vs, gs, 0.1, 1)
+    finally:
+        ops.capture(False)
+    assert ops.destroy_graphs() == 2
+    assert ops.pinned_plans() == 0
+    ops.clear_plans()
+    assert ops.cached_plans() == 0
+
+
+def test_tables_are_evicted_least_recently_used():
+    ops = _emu()
+    ops.clear_plans()
+    ws, vs, gs = _inputs([(5, 7)])
+    ops.fused_step(ws, vs, gs, 0.1, 1)
+    others = [[w.clone() for w in ws] for _ in range(15)]
+    for o in others:
+        ops.fused_step(o, vs, gs, 0.1, 1)
+    ops.fused_step(ws, vs, gs, 0.1, 1)                      # the oldest table, used again
+    ops.fused_step([w.clone() for w in ws], vs, gs, 0.1, 1)   # a 17th table: evicts others[0]
+    assert ops.cached_plans() == 16
+    ops.capture(True)
+    try:   # under capture a missing table raises: ws's table must still be there
+        ops.fused_step(ws, vs, gs, 0.1, 1)
+        with pytest.raises(RuntimeError, match="before capturing"):
+            ops.fused_step(others[0], vs, gs, 0.1, 1)
+    finally:
+        ops.capture(False)
+    ops.destroy_graphs()
+    ops.clear_plans()
+
+
+def test_tensors_on_another_device_than_the_current_one():
+    """Item 4: the binding makes the tensors' device current in its own CUDA runtime before it
+    creates the table's event, memsets or launches, and restores the previous device (the event
+    was created on the current device, then used on the other one's stream: "invalid resource
+    handle" on the first call).  The emulation fails a runtime call made with another device
+    current, as a GPU does."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(37, 129), (5, 3, 3, 3)])
+    s_ref, v_ref, g_ref = _ref_step(ws, vs, gs, 0.1, 2)
+    assert ops.runtime_device() == 0
+    ops.clear_plans()
+    try:
+        ops.tensor_device(1)
+        s = ops.fused_step(ws, vs, gs, 0.1, 2)
+        assert ops.runtime_device() == 0                    # restored
+    finally:
+        ops.tensor_device(0)
+    assert_rel_close(s, s_ref, 2e-5, "sigma on device 1")
+    for a, b in zip(vs + gs, v_ref + g_ref):
+        assert_rel_close(a, b, 2e-5, "v / grad on device 1")
+    ops.fused_step(ws, vs, gs, 0.1, 1)                      # and device 0 again
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------
