@@ -27,7 +27,13 @@ def pytest_report_header(config):
     return f"spectral_ext test seed: {SEED} (set SPECTRAL_EXT_TEST_SEED={SEED} to reproduce)"
 
 
+# reports a test wants printed at the end of the run (e.g. the Triton compile check's table)
+REPORTS = []
+
+
 def pytest_terminal_summary(terminalreporter):
+    for report in REPORTS:
+        terminalreporter.write_line(report)
     # also under -q, where the header is not shown
     terminalreporter.write_line(f"spectral_ext test seed: {SEED} "
                                 f"(SPECTRAL_EXT_TEST_SEED={SEED} reproduces this run)")

@@ -26,7 +26,7 @@ computation can only be as good as eta allows), instead of a fixed number.  Zero
 give sigma = 0 and keep v and the gradient bit for bit; NaN/Inf layers a non-finite sigma and
 gradient and v kept bit for bit.
 
-    python -P tests/fuzz.py --cases 2000                        # every backend that runs here
+    python -P tests/fuzz.py                                     # every backend that runs here
     python -P tests/fuzz.py --backends cpu --cases 20000 --seed 7
     python -P tests/fuzz.py --backends cpu --case-seed 123 -v   # replay one case
 tests/test_fuzz.py runs a quick mode in `make test`; `make fuzz` runs a long one.
@@ -69,6 +69,11 @@ MAX_NUMEL = {"cpu": 400_000, "reference": 200_000, "triton": 12_000, "cuda-emula
 # the quick mode (tests/test_fuzz.py, in `make test`): smaller layers
 QUICK_MAX_NUMEL = {"cpu": 30_000, "reference": 30_000, "triton": 5_000, "cuda-emulated": 20_000,
                    "cuda": 30_000}
+# cases per backend of the long mode (`make fuzz`, about 20 minutes on the 2-core machine)
+LONG_CASES = {"cpu": 5000, "reference": 1500, "triton": 400, "cuda-emulated": 800, "cuda": 3000}
+# where each backend's tensors live: the GPU backends on the GPU where there is one (Triton on
+# CPU tensors in its interpreter otherwise)
+DEVICE = {"cuda": "cuda", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 NOISE_RUNS = 8
 FLOOR_FACTOR = 8.0
 
@@ -256,24 +261,24 @@ def draw_case(seed: int, backend: str, quick: bool = False) -> Case:
 
 def _in_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
     """A tensor equal to `values` in the given memory layout (a view of a larger buffer for the
-    strided ones)."""
-    shape, dt = values.shape, values.dtype
+    strided ones), on values' device."""
+    shape, dt, dev = values.shape, values.dtype, values.device
     if layout == "contig":
         return values.clone()
     if layout == "t":
         return values.t().contiguous().t()
     if layout == "cols":
-        buf = torch.zeros(shape[0], 2 * shape[1], dtype=dt)
+        buf = torch.zeros(shape[0], 2 * shape[1], dtype=dt, device=dev)
         out = buf[:, ::2]
     elif layout == "rows":
-        buf = torch.zeros(2 * shape[0], *shape[1:], dtype=dt)
+        buf = torch.zeros(2 * shape[0], *shape[1:], dtype=dt, device=dev)
         out = buf[::2]
     elif layout == "channels_last":
         return values.contiguous(memory_format=torch.channels_last)
     elif layout == "no_view":
         return values.transpose(0, 1).contiguous().transpose(0, 1)
     elif layout == "offset":
-        out = torch.zeros(1 + values.numel(), dtype=dt)[1:].view(shape)
+        out = torch.zeros(1 + values.numel(), dtype=dt, device=dev)[1:].view(shape)
     else:
         raise ValueError(layout)
     out.copy_(values)
@@ -304,18 +309,18 @@ def build(case: Case, device="cpu") -> Inputs:
             flat[pos] = float("nan")
         elif L.special == "inf":
             flat[pos] = float("inf") if pos % 2 else -float("inf")
-        w = _in_layout(vals, L.layout).to(device)
+        w = _in_layout(vals.to(device), L.layout)
         cols = vals.numel() // L.shape[0]
         v = torch.randn(cols, generator=gen, dtype=torch.float64)
         v = (v / torch.linalg.vector_norm(v)).to(L.vdtype)
+        v = v.to(device)
         if L.vstrided:
-            buf = torch.zeros(2 * cols, dtype=L.vdtype)
+            buf = torch.zeros(2 * cols, dtype=L.vdtype, device=device)
             buf[::2].copy_(v)
             v = buf[::2]
-        v = v.to(device) if device != "cpu" else v
         g = torch.zeros(L.shape, dtype=torch.float64) if L.gexp is None else \
             _ldexp(torch.randn(L.shape, generator=gen, dtype=torch.float64), L.gexp)
-        g = _in_layout(g.to(L.wdtype), L.glayout).to(device)
+        g = _in_layout(g.to(L.wdtype).to(device), L.glayout)
         if L.grad != "given":
             w = w.detach().requires_grad_(True)    # a leaf (a view of its buffer, for layouts)
             w.grad = g if L.grad == "dotgrad" else None
@@ -384,7 +389,9 @@ def _one_thread():
 
 
 def check_case(case: Case, verbose=False) -> Optional[Failure]:
-    got = run(case.backend, build(case), case.lam, case.n_iter)
+    s, vs, gs = run(case.backend, build(case, DEVICE.get(case.backend, "cpu")), case.lam,
+                    case.n_iter)
+    got = (s.cpu(), [v.cpu() for v in vs], [g.cpu() for g in gs])
     with _one_thread():
         return _check(case, got, verbose)
 
@@ -456,10 +463,6 @@ def available(backend: str) -> Optional[str]:
     b = se.available_backends()[backend]
     if not b.available:
         return b.detail
-    if backend == "triton" and torch.cuda.is_available():
-        return "the fuzzer builds CPU tensors (the native Triton run is in test_backends.py)"
-    if backend == "cuda":
-        return "the fuzzer builds CPU tensors (the native CUDA run is in test_backends.py)"
     return None
 
 
@@ -479,7 +482,8 @@ def fuzz(backend: str, cases: int, seed: int, quick: bool = False,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default=",".join(b for b in ALL_BACKENDS))
-    p.add_argument("--cases", type=int, default=500, help="cases per backend")
+    p.add_argument("--cases", type=int, default=None,
+                   help=f"cases per backend (default {LONG_CASES})")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--case-seed", type=int, default=None, help="replay this one case")
     p.add_argument("--quick", action="store_true", help="the quick mode's smaller layers")
@@ -503,8 +507,10 @@ def main(argv=None) -> int:
             status |= f is not None
             continue
         t0 = time.monotonic()
-        fails = fuzz(b, a.cases, seed, a.quick, verbose=a.verbose)
-        print(f"{b:14s} {a.cases} cases, {len(fails)} failed ({time.monotonic() - t0:.1f} s)")
+        n = a.cases if a.cases is not None else LONG_CASES[b]
+        fails = fuzz(b, n, seed, a.quick, verbose=a.verbose)
+        print(f"{b:14s} {n} cases, {len(fails)} failed ({time.monotonic() - t0:.1f} s)",
+              flush=True)
         for f in fails[:20]:
             print(f)
         status |= bool(fails)

@@ -311,6 +311,49 @@ def test_tensors_on_another_device_than_the_current_one():
     ops.fused_step(ws, vs, gs, 0.1, 1)                      # and device 0 again
 
 
+def _sanitize_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "sanitize_cuda.py")
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("corrupt", [None, "v", "grad", "order"])
+def test_sanitize_workload_checks_every_output(corrupt):
+    """Item 6: benchmarks/sanitize_cuda.py (run under compute-sanitizer on a GPU) checks sigma,
+    every v and every gradient, tightly, and --repeat checks bitwise repeatability; here through
+    the emulation, on smaller shapes, and with a step that corrupts one output (the workload
+    checked sigma only, with 2e-2 in low precision, before)."""
+    ops = _emu()
+    sz = _sanitize_module()
+    calls = []
+
+    def step(ws, vs, gs, lam, n_iter):
+        s = ops.fused_step(ws, vs, gs, lam, n_iter)
+        calls.append(1)
+        if corrupt == "v":
+            vs[3].mul_(1 + 1e-3)
+        elif corrupt == "grad" and gs[-1].dtype == torch.bfloat16:
+            gs[-1].view(-1)[0] += gs[-1].abs().max() * 0.05
+        elif corrupt == "grad":
+            gs[-1].view(-1)[0] += gs[-1].abs().max() * 1e-4
+        elif corrupt == "order" and len(calls) == 3:
+            vs[0].view(-1)[0] = torch.nextafter(vs[0].view(-1)[0], torch.tensor(2.0))
+        return s
+    if corrupt == "order":
+        problems = sz.check_repeatable(step, "cpu", 3, shapes=[(300, 130), (2100, 3), (1, 1100)])
+    else:
+        problems = sz.check_workload(step, "cpu", shapes=sz.SMALL_SHAPES)
+    if corrupt is None:
+        assert problems == []
+    else:
+        assert problems, "the corrupted output was not noticed"
+        assert (corrupt == "order") == ("differs" in problems[0]), problems[0]
+
+
 # ---- on a GPU ------------------------------------------------------------------------------------
 
 @needs_gpu
@@ -372,6 +415,64 @@ def test_cuda_graph_replay_equals_eager():
 
 
 @needs_gpu
+def test_cuda_graph_survives_table_eviction():
+    """Item 1 on a GPU: a captured graph replays correctly after clear_plans() and 20 other
+    tables (evictions) and after the freed memory was reused: the table it uses is pinned by a
+    CUDA user object the graph owns, and released when the graph is destroyed."""
+    from spectral_ext import _C
+    import gc
+    ws, vs, gs = _inputs([(300, 1100), (64, 64), (1, 5000), (33, 64, 3, 3)], device="cuda")
+    v0, g0 = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_v, eager_g = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_s = se.fused_step(ws, eager_v, grads=eager_g, n_iter=2, backend="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    _C.cuda_clear_plans()    # the warm-up's table, unpinned so far: re-uploaded by the next step
+    se.fused_step(ws, [v.clone() for v in vs], grads=[g.clone() for g in gs], n_iter=2,
+                  backend="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sigma = se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
+    assert _C.cuda_pinned_plans() >= 1
+    _C.cuda_clear_plans()
+    for _ in range(20):
+        o = _inputs([(64, 64)], device="cuda")
+        se.fused_step(o[0], o[1], grads=o[2], backend="cuda")
+    poison = torch.full((1 << 22,), float("nan"), device="cuda")
+    del poison
+    for v, a in zip(vs, v0):
+        v.copy_(a)
+    for g, a in zip(gs, g0):
+        g.copy_(a)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(sigma, eager_s)
+    for a, b in zip(vs + gs, eager_v + eager_g):
+        assert torch.equal(a, b)
+    del graph
+    gc.collect()
+    torch.cuda.synchronize()
+    # the user object's release runs on a CUDA thread, asynchronously: wait a little for it
+    import time
+    for _ in range(100):
+        if _C.cuda_pinned_plans() == 0:
+            break
+        time.sleep(0.01)
+    assert _C.cuda_pinned_plans() == 0
+
+
+@needs_gpu
+def test_many_tile_step_is_bitwise_repeatable():
+    """Item 6: the "last block" steps order the blocks' partial sums across the whole grid, which
+    racecheck cannot see; a many-tile step repeated 300 times gives the same bits every time."""
+    sz = _sanitize_module()
+    assert sz.check_repeatable(sz.cuda_step, "cuda", 300) == []
+
+
+@needs_gpu
 def test_capture_without_warm_up_says_so():
     from spectral_ext import _C
     ws, vs, gs = _inputs([(7, 9)], device="cuda")
@@ -410,9 +511,20 @@ def test_poisoned_memory_and_streams():
 @needs_gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_second_device():
+    """Item 4: tensors on a GPU that is not the current one (the first call failed with "invalid
+    resource handle"); the current device is unchanged after the call, and device 0 works
+    again after device 1 (the kernels' runtime device was never restored)."""
+    from spectral_ext import _C
+    _C.cuda_clear_plans()
+    assert torch.cuda.current_device() == 0
     ws, vs, gs = _inputs([(37, 129), (5, 3, 3, 3)], device="cuda:1")
     v_ref, g_ref = [v.clone() for v in vs], [g.clone() for g in gs]
     s = se.fused_step(ws, vs, grads=gs, backend="cuda")
     s_ref = reference.fused_step(ws, v_ref, grads=g_ref)
+    assert torch.cuda.current_device() == 0
     assert s.device == torch.device("cuda:1")
     assert_rel_close(s, s_ref, 2e-5, "sigma on cuda:1")
+    w0, v0, g0 = _inputs([(7, 9)], device="cuda:0")
+    s0 = se.fused_step(w0, v0, grads=g0, backend="cuda")
+    assert_rel_close(s0, reference.fused_step(w0, se.init_vectors(w0), grads=[torch.zeros_like(w0[0])]),
+                     2e-5, "sigma on cuda:0 after cuda:1")
