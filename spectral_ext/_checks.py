@@ -232,8 +232,7 @@ def check_no_overlap(weights, vs, grads=None) -> None:
     inside its weight or gradient gives answers that depend on the order of the writes; two
     overlapping gradients lose updates on a GPU).  Weights may share memory with each other: they
     are only read.  Byte ranges are compared (interleaved views of one buffer count as
-    overlapping) within each storage; metadata only, O(n log n).  The same rule as
-    csrc/spectral_ext.h (which compares addresses)."""
+    overlapping) within each storage; metadata only.  The same rule as csrc/spectral_ext.h."""
     if torch.compiler.is_dynamo_compiling():
         return   # Dynamo cannot trace storages; the op's fake kernel and kernel check instead
     by_storage = {}

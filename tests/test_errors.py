@@ -238,3 +238,49 @@ def test_backend_is_checked_without_weights():
         else:
             with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable"):
                 se.resolve_backend([], name)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not built here")
+def test_cpp_and_python_overlap_rules_agree():
+    """Random views of a few shared buffers as weights, vectors and gradients: the C++ check
+    (csrc/spectral_ext.h) and the Python one (_checks.check_no_overlap) refuse exactly the same
+    calls, with the same message, and each refusal names two tensors that really share bytes."""
+    import random
+    from spectral_ext import _checks
+    rng = random.Random(zlib_seed())
+    refused = 0
+    for _ in range(300):
+        bufs = [torch.zeros(64) for _ in range(3)]
+
+        def view(n, bufs=bufs):
+            b = rng.choice(bufs + [None])
+            if b is None:
+                return torch.zeros(n)
+            step = rng.choice((1, 1, 2))
+            start = rng.randrange(0, 64 - step * (n - 1))
+            return b[start:start + step * (n - 1) + 1:step]
+        ws = [view(12).view(3, 4), view(6).view(2, 3)]
+        vs = [view(4), view(3)]
+        gs = [view(12).view(3, 4), view(6).view(2, 3)]
+        try:
+            _checks.check_no_overlap(ws, vs, gs)
+            py = None
+        except ValueError as e:
+            py = str(e)
+        try:
+            torch.ops.spectral_ext.fused_step.default.redispatch(
+                torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), ws, vs, gs, 0.1, 1)
+            cpp = None
+        except ValueError as e:
+            cpp = str(e).split("\n")[0]
+        assert (py is None) == (cpp is None), (py, cpp)
+        if py is not None:
+            refused += 1
+            assert py == cpp
+    assert 30 < refused < 270      # both kinds of case were drawn
+
+
+def zlib_seed():
+    import zlib
+    from conftest import SEED
+    return SEED ^ zlib.crc32(b"overlap")
