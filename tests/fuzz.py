@@ -60,7 +60,7 @@ import cuda_emulation  # noqa: E402
 ALL_BACKENDS = ("cpu", "reference", "triton", "cuda-emulated", "cuda")
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # sizes near the block sizes of the kernels (GPU tiles of 64 KiB, Triton blocks of 32/64/128/256,
-# CPU row bands of 64), primes and the degenerate 1
+# CPU row bands of 256 rows), primes and the degenerate 1
 SIZES = (1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257,
          300, 511, 513, 1023, 1024, 1025, 1100, 2049)
 # largest layer (elements) per backend: the interpreter and the fiber emulation are slow

@@ -8,8 +8,8 @@ import torch
 import fuzz
 from conftest import SEED
 
-# cases per backend: about 30 s in all on the project's 2-core machine
-QUICK_CASES = {"cpu": 200, "reference": 60, "triton": 40, "cuda-emulated": 80}
+# cases per backend: about 30 s in all on the project's 2-core machine (cuda: on a GPU only)
+QUICK_CASES = {"cpu": 200, "reference": 60, "triton": 40, "cuda-emulated": 80, "cuda": 200}
 
 
 @pytest.mark.parametrize("backend", list(QUICK_CASES))

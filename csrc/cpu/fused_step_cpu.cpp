@@ -10,7 +10,7 @@
 // float32 parameter, below the 16-byte floor of the two-pass formulation.
 //
 // Row bands and determinism.  A layer's rows are cut into bands fixed by its shape alone
-// (band_count: about 64 Ki elements each, at least 64 rows, at most 64 bands); each band sums its
+// (band_count: about 128 Ki elements each, at least 256 rows, at most 64 bands); each band sums its
 // own partial vp_raw, and the bands' partials are added in band order.  Parallelism
 // (at::parallel_for, i.e. OpenMP) only decides who computes which band: "small" layers run whole
 // on one thread (bins balanced by cost, largest first), "large" ones (more than 1/(2T) of the
@@ -39,7 +39,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <map>
 #include <tuple>
 #include <type_traits>
@@ -77,7 +76,9 @@ struct Layer {
 };
 
 // Bands of a rows x cols layer: a function of the shape only (see "Row bands" above).
-constexpr int64_t kBandRows = 64, kBandWork = int64_t{1} << 16, kMaxBands = 64;
+// At least 256 rows per band: a band's partial sum costs one write and one read of `cols` values
+// against the band's rows * cols reads of W (under 1 % of the traffic).
+constexpr int64_t kBandRows = 256, kBandWork = int64_t{1} << 17, kMaxBands = 64;
 inline int64_t band_count(int64_t rows, int64_t cols) {
   return std::clamp<int64_t>(std::min(rows / kBandRows, rows * cols / kBandWork), 1, kMaxBands);
 }
@@ -303,24 +304,26 @@ struct Kernel {
     for (int64_t r = 0; r < rows; ++r) s += static_cast<double>(u[r]) * u[r];
     const double nrm = std::sqrt(s);
     if (check && !(nrm >= lo && nrm <= hi)) return false;   // NaN fails too
-    // u = u_raw / ||u_raw|| (0 for a zero matrix; `nrm == 0`, not `nrm > 0`: NaN propagates)
-    const bool mul = nrm == 0 || nrm >= inv_ok;
-    const acc_t inv = nrm == 0 ? acc_t(0) : static_cast<acc_t>(1.0 / nrm);
-    if (mul) {
+    // u = u_raw / ||u_raw||, vp = vp_raw / ||u_raw|| (0 for a zero matrix; `nrm == 0`, not
+    // `nrm > 0`: NaN propagates).  Times the inverse where it is representable (always in range).
+    double s2 = 0;
+    if (nrm == 0 || nrm >= inv_ok) {
+      const acc_t inv = nrm == 0 ? acc_t(0) : static_cast<acc_t>(1.0 / nrm);
       for (int64_t r = 0; r < rows; ++r) u[r] *= inv;
+      for (int64_t c = 0; c < cols; ++c) {
+        vp[c] *= inv;
+        s2 += static_cast<double>(vp[c]) * vp[c];
+      }
     } else {
       for (int64_t r = 0; r < rows; ++r) u[r] = static_cast<acc_t>(u[r] / nrm);
+      for (int64_t c = 0; c < cols; ++c) {
+        vp[c] = static_cast<acc_t>(vp[c] / nrm);
+        s2 += static_cast<double>(vp[c]) * vp[c];
+      }
     }
-    double raw2 = 0, s2 = 0;
-    for (int64_t c = 0; c < cols; ++c) {
-      const acc_t x = vp[c];
-      if (check) raw2 += static_cast<double>(x) * x;
-      const acc_t y = mul ? x * inv : static_cast<acc_t>(x / nrm);
-      vp[c] = y;
-      s2 += static_cast<double>(y) * y;
-    }
-    if (check && !(std::sqrt(raw2) >= lo && std::sqrt(raw2) <= hi)) return false;
     const double sigma_s = std::sqrt(s2);   // of 2^scale_exp W
+    // ||vp_raw|| = sigma_s * ||u_raw|| (an overflow of vp_raw shows as Inf here)
+    if (check && !(sigma_s * nrm >= lo && sigma_s * nrm <= hi)) return false;
     const double sigma = std::ldexp(sigma_s, -L.scale_exp);
     L.sigma = sigma;
     const acc_t sigma_acc = static_cast<acc_t>(sigma);
