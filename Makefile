@@ -11,7 +11,7 @@ RUN    := env -u PYTHONPATH
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 
-.PHONY: setup wheel install demo test bench bench-suite cmake-check gpu-check clean
+.PHONY: setup wheel install demo test fuzz sanitize bench bench-suite cmake-check gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,27 @@ demo: install
 # plain tests on their small sets
 test: install
 	$(RUN) $(VENV)/bin/pytest tests benchmarks -p no:cacheprovider -q -rs --benchmark-disable
+
+# the differential fuzzer's long mode (tests/fuzz.py: every backend that runs here against a
+# float64 oracle; `make test` runs its quick mode).  ARGS="--backends cpu --cases 20000 --seed 7"
+fuzz: install
+	$(RUN) $(PY) -P tests/fuzz.py $(ARGS)
+
+# The C++ CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (no CUDA), installed
+# into build-sanitize/site (not the venv), and the backend tests, the C++ input checks and the
+# fuzzer's quick mode run against them, with libasan preloaded into Python.  Any report fails.
+SAN_DIR := build-sanitize
+SAN_LIBS = $(shell g++ -print-file-name=libasan.so):$(shell g++ -print-file-name=libubsan.so)
+sanitize: setup
+	rm -rf $(SAN_DIR) build dist spectral_ext.egg-info
+	SPECTRAL_EXT_SANITIZE=1 SPECTRAL_EXT_CUDA=0 $(RUN) $(PY) -m build --wheel --no-isolation --outdir $(SAN_DIR)/dist
+	rm -rf build spectral_ext.egg-info
+	$(RUN) $(PY) -m pip install -q --disable-pip-version-check --no-deps --target $(SAN_DIR)/site $(SAN_DIR)/dist/*.whl
+	env PYTHONPATH=$(abspath $(SAN_DIR)/site) LD_PRELOAD=$(SAN_LIBS) \
+	  ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(VENV)/bin/pytest tests/test_sanitized_build.py tests/test_backends.py tests/test_errors.py \
+	  tests/test_fuzz.py -p no:cacheprovider -q -rs -k "sanitized or cpu or cpp"
 
 # the benchmark table (benchmarks/RESULTS.md says what was measured); the repo root goes at the
 # END of sys.path, so the installed spectral_ext is imported and benchmarks/ is found.
@@ -70,4 +91,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh $(STAGES)
 
 clean:
-	rm -rf build build-cmake dist *.egg-info spectral_ext/_C*.so
+	rm -rf build build-cmake build-sanitize dist *.egg-info spectral_ext/_C*.so

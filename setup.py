@@ -15,6 +15,8 @@ needed).  Knobs:
   where there is no GPU.  nvcc is ``$CUDA_HOME/bin/nvcc`` (default ``/usr/local/cuda``).
 * ``TORCH_CUDA_ARCH_LIST``: the GPU architectures, default ``8.0;9.0+PTX`` (sm_80 and sm_90
   binaries plus compute_90 PTX for newer GPUs).
+* ``SPECTRAL_EXT_SANITIZE=1``: build the C++ code with AddressSanitizer and UndefinedBehavior-
+  Sanitizer (``make sanitize``; the process must preload libasan, see the Makefile).
 The ``.cu`` files include no torch header: nvcc compiles them to objects that are linked, with a
 static CUDA runtime, into the same extension as the CPU kernels (torch's CUDAExtension cannot
 be used with the CPU build of torch).  A compile error in a ``.cu`` file fails the build.
@@ -37,6 +39,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -g0: debug info triples the compile time of each translation unit that includes torch headers.
 CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-std=c++20"]
 LINK_FLAGS = ["-fopenmp"]
+
+SANITIZE = os.environ.get("SPECTRAL_EXT_SANITIZE", "0") == "1"
+if SANITIZE:
+    SAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+           "-fno-omit-frame-pointer"]
+    CXX_FLAGS = ["-O1", "-g1", "-fopenmp", "-std=c++20", *SAN]
+    LINK_FLAGS = ["-fopenmp", *SAN]
 
 CPU_ARCH = os.environ.get(
     "SPECTRAL_EXT_CPU_ARCH", "x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else "")
@@ -92,7 +101,8 @@ with open(os.path.join(HERE, "spectral_ext", "_build_config.py"), "w") as f:
     f.write("# written by setup.py: how the C++/CUDA extension was built\n"
             f"CPU_ARCH = {CPU_ARCH!r}   # -march of the CPU kernels\n"
             f"CUDA = {CUDA_HOME is not None!r}   # the CUDA kernels are compiled in\n"
-            f"CUDA_ARCHS = {CUDA_ARCHS if CUDA_HOME else ''!r}   # TORCH_CUDA_ARCH_LIST they were built for\n")
+            f"CUDA_ARCHS = {CUDA_ARCHS if CUDA_HOME else ''!r}   # TORCH_CUDA_ARCH_LIST they were built for\n"
+            f"SANITIZE = {SANITIZE!r}   # built with ASan/UBSan (make sanitize)\n")
 
 
 class BuildExt(BuildExtension):

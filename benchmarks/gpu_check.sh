@@ -2,8 +2,10 @@
 # Everything a GPU can show.  Every call is self-contained: it builds from source against the
 # machine's own torch (the CUDA kernels required), then runs the stages asked for, printing each
 # stage's start time and the seconds since the call began:
-#   sanitize  compute-sanitizer memcheck, racecheck and synccheck on a small CUDA workload
-#             (skipped, with the reason, where the sanitizer refuses the device: gVisor machines);
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck on a small CUDA workload that
+#             checks every sigma, v and gradient (skipped, with the reason, where the sanitizer
+#             refuses the device: gVisor machines), then natively a many-tile step repeated 300
+#             times, bitwise equal each time (what racecheck cannot see: inter-block ordering);
 #   test      the whole test suite natively (CUDA and Triton kernels on the GPU, launches counted
 #             by torch.profiler, CUDA-graph replay) and the benchmark suites once;
 #   bench     the benchmark table (float32 and bfloat16, launches per step, /floor) with JSON.
@@ -63,6 +65,12 @@ want sanitize && for tool in memcheck racecheck synccheck; do
   fi
   echo "exit $rc"; [ "$rc" = 0 ] || status=1
 done
+if want sanitize; then
+  stage "workload natively, and a many-tile step repeated 300 times"
+  timeout "${SANITIZE_TIMEOUT:-150}" $PY -P benchmarks/sanitize_cuda.py --repeat 300 \
+    > "$OUT/repeat.txt" 2>&1
+  rc=$?; tail -12 "$OUT/repeat.txt"; echo "exit $rc"; [ "$rc" = 0 ] || status=1
+fi
 
 if want test; then
   stage "test suite (native)"

@@ -13,6 +13,7 @@ bool cpu_openmp();
 namespace cuda {
 void runtime_info(int* runtime_version, int* driver_version, int* device_count);
 int64_t cached_plans();
+int64_t pinned_plans();
 void clear_plans();
 }  // namespace cuda
 #endif
@@ -45,10 +46,18 @@ static PyObject* cuda_runtime(PyObject*, PyObject*) {
 #endif
 }
 
-// the CUDA layer tables cached so far (tests), and dropping them
+// the CUDA layer tables cached so far (tests), those pinned by graphs, and dropping the others
 static PyObject* cuda_cached_plans(PyObject*, PyObject*) {
 #ifdef SPECTRAL_EXT_WITH_CUDA
   return PyLong_FromLongLong(spectral_ext::cuda::cached_plans());
+#else
+  return PyLong_FromLong(0);
+#endif
+}
+
+static PyObject* cuda_pinned_plans(PyObject*, PyObject*) {
+#ifdef SPECTRAL_EXT_WITH_CUDA
+  return PyLong_FromLongLong(spectral_ext::cuda::pinned_plans());
 #else
   return PyLong_FromLong(0);
 #endif
@@ -68,7 +77,10 @@ static PyMethodDef methods[] = {
     {"cuda_runtime", cuda_runtime, METH_NOARGS,
      "(cudart version, driver version, device count) seen by the CUDA kernels' runtime"},
     {"cuda_cached_plans", cuda_cached_plans, METH_NOARGS, "number of cached CUDA layer tables"},
-    {"cuda_clear_plans", cuda_clear_plans, METH_NOARGS, "drop the cached CUDA layer tables"},
+    {"cuda_pinned_plans", cuda_pinned_plans, METH_NOARGS,
+     "number of cached CUDA layer tables pinned by captured CUDA graphs"},
+    {"cuda_clear_plans", cuda_clear_plans, METH_NOARGS,
+     "drop the cached CUDA layer tables that no captured graph uses"},
     {nullptr, nullptr, 0, nullptr}};
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

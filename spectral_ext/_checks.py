@@ -80,8 +80,9 @@ def check_n_iter(n_iter) -> int:
     return n_iter
 
 
-def check_weights_and_vectors(weights, vs):
-    """Checks weights and vectors; returns them as lists."""
+def check_weights_and_vectors(weights, vs, overlap: bool = True):
+    """Checks weights and vectors; returns them as lists.  ``overlap=False`` leaves the memory
+    overlap check to the caller (check_fused_step_args runs it once, with the gradients)."""
     weights = as_list("weights", weights)
     vs = as_list("vs", vs)
     if len(weights) != len(vs):
@@ -125,6 +126,8 @@ def check_weights_and_vectors(weights, vs):
             raise ValueError(f"vs[{i}] is the same tensor as vs[{seen_v[id(v)]}]: each layer "
                              "needs its own vector")
         seen_v[id(v)] = i
+    if overlap:
+        check_no_overlap(weights, vs)
     return weights, vs
 
 
@@ -163,16 +166,19 @@ def check_grads(weights, grads) -> List[torch.Tensor]:
 
 def check_fused_step_args(weights, vs, grads, lam, n_iter):
     """All checks of a fused step. ``grads`` may be None (taken from ``.grad`` later)."""
-    weights, vs = check_weights_and_vectors(weights, vs)
+    weights, vs = check_weights_and_vectors(weights, vs, overlap=grads is None)
     if grads is not None:
         grads = check_grads(weights, grads)
+        check_no_overlap(weights, vs, grads)
     return weights, vs, grads, check_lam(lam), check_n_iter(n_iter)
 
 
 def resolve_grads(weights: List[torch.Tensor],
-                  grads: Optional[Sequence[torch.Tensor]]) -> List[torch.Tensor]:
+                  grads: Optional[Sequence[torch.Tensor]],
+                  vs: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
     """The gradient tensors to add into: ``grads`` if given, else each weight's ``.grad``, which
-    is created (zeros) where it is None.  Call only after every check has passed."""
+    is created (zeros) where it is None.  Call only after every check has passed; with ``vs``,
+    the existing ``.grad`` tensors are also checked for memory overlap first."""
     if grads is not None:
         return list(grads)
     for i, w in enumerate(weights):
@@ -183,7 +189,82 @@ def resolve_grads(weights: List[torch.Tensor],
     for i, w in enumerate(weights):
         if w.grad is not None:
             _check_grad(i, w, w.grad)
+    if vs is not None:
+        check_no_overlap(weights, vs, [w.grad for w in weights])
     for w in weights:
         if w.grad is None:
             w.grad = torch.zeros_like(w)
     return [w.grad for w in weights]
+
+
+# ---- memory overlap (issue 13 item 12) ----------------------------------------------------------
+
+_KINDS = ("weights", "vs", "grads")
+
+
+def _byte_span(t: torch.Tensor):
+    """(storage, first byte, one past the last byte) of t's elements within its storage, or None
+    when t is empty or its sizes are symbolic (torch.compile with dynamic shapes: the eager call
+    and the kernel check those).  Storage identity works for fake tensors too (the fake kernels
+    under torch.compile), which have no addresses."""
+    if t._has_symbolic_sizes_strides:
+        return None
+    item = t.element_size()
+    start = t.storage_offset() * item
+    if t.is_contiguous():
+        if t.nbytes == 0:
+            return None
+        return t.untyped_storage()._cdata, start, start + t.nbytes
+    shape = t.shape
+    if 0 in shape:
+        return None
+    lo = hi = 0
+    for size, stride in zip(shape, t.stride()):
+        ext = (size - 1) * stride
+        if ext < 0:
+            lo += ext
+        else:
+            hi += ext
+    return t.untyped_storage()._cdata, start + lo * item, start + (hi + 1) * item
+
+
+def check_no_overlap(weights, vs, grads=None) -> None:
+    """Every v and every gradient of a call needs memory of its own: none may overlap any other
+    tensor of the call (a gradient that is its weight would change the weight mid-step; a v
+    inside its weight or gradient gives answers that depend on the order of the writes; two
+    overlapping gradients lose updates on a GPU).  Weights may share memory with each other: they
+    are only read.  Byte ranges are compared (interleaved views of one buffer count as
+    overlapping) within each storage; metadata only.  The same rule as csrc/spectral_ext.h."""
+    if torch.compiler.is_dynamo_compiling():
+        return   # Dynamo cannot trace storages; the op's fake kernel and kernel check instead
+    by_storage = {}
+    for kind, ts in enumerate((weights, vs, grads or ())):
+        for i, t in enumerate(ts):
+            span = None if t is None else _byte_span(t)
+            if span is not None:
+                entry = (span[1], kind, i, span[2])
+                same = by_storage.get(span[0])
+                if same is None:
+                    by_storage[span[0]] = [entry]
+                else:
+                    same.append(entry)
+    for spans in by_storage.values():
+        if len(spans) > 1:
+            _sweep(sorted(spans))
+
+
+def _sweep(spans) -> None:
+    """spans: (start, kind, index, end) of one storage, sorted; raises on an overlap that
+    involves a written tensor (kind 1 or 2)."""
+    far_any = far_written = None   # the span reaching furthest so far (all, and written ones)
+    for s in spans:
+        other = far_any if s[1] != 0 else far_written
+        if other is not None and s[0] < other[3]:
+            a, b = sorted((other, s), key=lambda x: (x[1], x[2]))
+            raise ValueError(f"{_KINDS[a[1]]}[{a[2]}] and {_KINDS[b[1]]}[{b[2]}] overlap in "
+                             "memory; every v and every gradient of a call needs memory of its "
+                             "own (they are written by the step)")
+        if far_any is None or s[3] > far_any[3]:
+            far_any = s
+        if s[1] != 0 and (far_written is None or s[3] > far_written[3]):
+            far_written = s

@@ -157,4 +157,7 @@ else:
 
     @fused_step_triton.register_fake
     def _fused_step_triton_fake(weights, vs, grads, lam, n_iter):
+        # under torch.compile the Python checks are traced by Dynamo, which cannot follow
+        # storages: the memory-overlap check runs here, on the fake tensors
+        _checks.check_no_overlap(weights, vs, grads)
         return weights[0].new_empty((len(weights),), dtype=torch.float32)

@@ -73,6 +73,33 @@ def _cuda_arch_error(index: int) -> Optional[str]:
             f"{cap[0]}.{cap[1]}); rebuild with it in TORCH_CUDA_ARCH_LIST")
 
 
+# the oldest driver branch for each major CUDA version (CUDA's minor version compatibility)
+_DRIVER_BRANCH = {11: "R450", 12: "R525", 13: "R580"}
+
+
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _cuda_driver_error() -> Optional[str]:
+    """None if the GPU driver can run the CUDA kernels, else why not.  The kernels carry the
+    CUDA runtime they were built with (linked statically), which needs a driver of at least the
+    same major CUDA version: CUDA 13 needs R580 or newer.  Asked once per process."""
+    from . import _C
+    runtime, driver, devices = _C.cuda_runtime()
+
+    def version(v):
+        return f"{v // 1000}.{v % 1000 // 10}"
+    if driver // 1000 < runtime // 1000:
+        branch = _DRIVER_BRANCH.get(runtime // 1000, "a newer driver")
+        return (f"the CUDA kernels carry the CUDA {version(runtime)} runtime (static), which needs "
+                f"a driver for CUDA {runtime // 1000}.0 or newer ({branch}+); this driver "
+                + (f"supports CUDA {version(driver)}" if driver else "was not found")
+                + ": update the driver, or use backend='triton'")
+    if devices == 0:
+        return (f"the CUDA kernels' runtime (CUDA {version(runtime)}, driver for CUDA "
+                f"{version(driver)}) sees no GPU")
+    return None
+
+
 def _cuda_status() -> Tuple[bool, str]:
     """(can run here, what it is or why not) for the CUDA backend."""
     if _ops.CUDA_KERNELS_ERROR is not None:
@@ -80,6 +107,9 @@ def _cuda_status() -> Tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, (f"no CUDA GPU here (the CUDA kernels are compiled in, for "
                        f"TORCH_CUDA_ARCH_LIST={_ops.CUDA_ARCHS!r})")
+    driver = _cuda_driver_error()
+    if driver is not None:
+        return False, driver
     return True, (f"C++/CUDA kernels for CUDA tensors (built for {_ops.CUDA_ARCHS!r}; "
                   "float32/float64/float16/bfloat16 weights)")
 
@@ -186,7 +216,7 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
     if name == "triton":
         weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam,
                                                                         n_iter)
-        grads = _checks.resolve_grads(weights, grads)
+        grads = _checks.resolve_grads(weights, grads, vs)
         with torch.no_grad():
             return _ops.fused_step_triton(weights, vs, grads, lam, n_iter)
     # A native kernel checks every tensor itself (csrc/spectral_ext.h: same rules, same messages)
@@ -196,7 +226,7 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
         grads = [w.grad for w in weights]
         if any(g is None for g in grads):
             _checks.check_fused_step_args(weights, vs, None, lam, n_iter)
-            grads = _checks.resolve_grads(weights, None)
+            grads = _checks.resolve_grads(weights, None, vs)
     with torch.no_grad():
         return _ops.fused_step(weights, vs, _checks.as_list("grads", grads), lam, n_iter)
 

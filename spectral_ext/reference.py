@@ -26,6 +26,11 @@ Edge cases, identical in every backend:
   ``GradScaler`` or an anomaly check sees them), but v is left unchanged, so the state recovers
   once the weights are finite again.  Other layers are unaffected.  No check is made on the host:
   that would need a synchronisation.
+* "unchanged" is bit for bit, in v's own dtype (a float64 v of a float32 layer is not rounded);
+* the whole finite range of each dtype works: u is u_raw divided by its norm (never multiplied
+  by 1/norm, which overflows float32 when ||W v|| < 3e-39), the divisions by a norm are done in
+  float64, and the norms of float64 vectors are taken after scaling by a power of two (their
+  squares leave the double range below 1e-154 and above 1e154).
 """
 
 from __future__ import annotations
@@ -39,10 +44,49 @@ from . import _checks
 __all__ = ["power_iteration", "spectral_norms", "fused_step", "init_vectors"]
 
 
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    # squared norms are summed in float64 whatever the accumulation dtype: a float32 sum of
-    # squares overflows for entries above ~1e19, long before the values themselves do
-    return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
+def _norm64(x: torch.Tensor) -> torch.Tensor:
+    """||x|| in float64 (0-d).  Squares are summed in float64 whatever x's dtype (a float32 sum of
+    squares overflows for entries above ~1e19); a float64 x is first scaled by a power of two
+    (exact), since its squares can leave the double range."""
+    if x.dtype != torch.float64:
+        return torch.linalg.vector_norm(x, dtype=torch.float64)
+    e = torch.frexp(x.abs().amax())[1].to(torch.float64)   # 0 for a zero vector
+    return _ldexp(torch.linalg.vector_norm(_ldexp(x, -e)), e)
+
+
+def _ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x * 2^e, exact: in two halves, since torch.ldexp forms 2^e, which overflows for e > 1023
+    (a subnormal x needs up to 2^1074)."""
+    half = torch.trunc(e / 2)
+    return torch.ldexp(torch.ldexp(x, half), e - half)
+
+
+def _divide(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """x / d in float64, rounded once to x's dtype; 0 where d is 0 (`d == 0`, not `d > 0`: a NaN
+    norm must propagate, not be mistaken for zero)."""
+    q = x.to(torch.float64) / torch.where(d == 0, 1.0, d)
+    return torch.where(d == 0, 0.0, q).to(x.dtype)
+
+
+def _power_iteration(w: torch.Tensor, v: torch.Tensor, n_iter: int):
+    """power_iteration, plus whether some iteration gave a new v (a 0-d bool tensor)."""
+    acc = _checks.acc_dtype(w.dtype)
+    W = w.detach().reshape(w.shape[0], -1).to(acc)
+    v = v.detach().to(acc)
+    sigma = u = None
+    updated = torch.zeros((), dtype=torch.bool, device=w.device)
+    for _ in range(n_iter):
+        u_raw = torch.mv(W, v)
+        # u = u_raw / ||u_raw||, and u = 0 for a zero matrix
+        u = _divide(u_raw, _norm64(u_raw))
+        v_prime = torch.mv(W.t(), u)
+        sigma64 = _norm64(v_prime)
+        sigma = sigma64.to(acc)
+        # keep the old v when sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
+        ok = (sigma > 0) & torch.isfinite(sigma)
+        v = torch.where(ok, _divide(v_prime, sigma64), v)
+        updated = updated | ok
+    return sigma, u, v, updated
 
 
 def power_iteration(w: torch.Tensor, v: torch.Tensor, n_iter: int = 1
@@ -52,22 +96,13 @@ def power_iteration(w: torch.Tensor, v: torch.Tensor, n_iter: int = 1
     Returns ``(sigma, u, v_new)`` in the accumulation dtype: sigma is 0-d, u has length
     ``w.shape[0]``, v_new has the length of v.
     """
-    acc = _checks.acc_dtype(w.dtype)
-    W = w.detach().reshape(w.shape[0], -1).to(acc)
-    v = v.detach().to(acc)
-    sigma = u = None
-    for _ in range(n_iter):
-        u_raw = torch.mv(W, v)
-        nrm = _norm(u_raw)
-        # u = u_raw / ||u_raw||, and u = 0 for a zero matrix; `nrm == 0` (not `nrm > 0`) so
-        # that a NaN norm propagates instead of being mistaken for zero.
-        u = u_raw * torch.where(nrm == 0, 0.0, 1.0 / nrm)
-        v_prime = torch.mv(W.t(), u)
-        sigma = _norm(v_prime)
-        # keep the old v when sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
-        ok = (sigma > 0) & torch.isfinite(sigma)
-        v = torch.where(ok, v_prime / sigma, v)
+    sigma, u, v, _ = _power_iteration(w, v, n_iter)
     return sigma, u, v
+
+
+def _new_v(v_old: torch.Tensor, v_acc: torch.Tensor, updated: torch.Tensor) -> torch.Tensor:
+    """The new v in v_old's dtype: v_acc if some iteration updated it, else v_old bit for bit."""
+    return torch.where(updated, v_acc.to(v_old.dtype), v_old.detach())
 
 
 def spectral_norms(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], n_iter: int = 1
@@ -98,10 +133,10 @@ def spectral_norms_values(weights: List[torch.Tensor], vs: List[torch.Tensor], n
     sdtype = _checks.sigma_dtype(weights)
     sigmas, us, vs_new = [], [], []
     for w, v in zip(weights, vs):
-        s, u, vn = power_iteration(w, v, n_iter)
+        s, u, vn, updated = _power_iteration(w, v, n_iter)
         sigmas.append(s.to(sdtype))
         us.append(u)
-        vs_new.append(vn.to(v.dtype))
+        vs_new.append(_new_v(v, vn, updated))
     if not sigmas:
         return torch.empty(0), [], []
     return torch.stack(sigmas), us, vs_new
@@ -113,10 +148,10 @@ def _fused_step_unchecked(weights: List[torch.Tensor], vs: List[torch.Tensor],
     sigmas = []
     with torch.no_grad():
         for w, v, g in zip(weights, vs, grads):
-            s, u, vn = power_iteration(w, v, n_iter)
+            s, u, vn, updated = _power_iteration(w, v, n_iter)
             # one rounding into the gradient's dtype: the outer product is in the acc dtype
             g.add_((lam * s * torch.outer(u, vn)).reshape(g.shape))
-            v.copy_(vn)
+            v.copy_(_new_v(v, vn, updated))
             sigmas.append(s.to(sdtype))
     if not sigmas:
         return torch.empty(0)
@@ -130,7 +165,7 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *, l
     (float32, or float64 if any weight is float64).  A drop-in for ``spectral_ext.fused_step``.
     """
     weights, vs, grads, lam, n_iter = _checks.check_fused_step_args(weights, vs, grads, lam, n_iter)
-    grads = _checks.resolve_grads(weights, grads)
+    grads = _checks.resolve_grads(weights, grads, vs)
     return _fused_step_unchecked(weights, vs, grads, lam, n_iter)
 
 

@@ -19,13 +19,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SEED = int(os.environ.get("SPECTRAL_EXT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# the order in which the CUDA emulation runs the blocks of a launch (tests/cuda_emulation.py)
+os.environ.setdefault("SPECTRAL_EXT_EMU_ORDER_SEED", str(SEED + 1))
 
 
 def pytest_report_header(config):
     return f"spectral_ext test seed: {SEED} (set SPECTRAL_EXT_TEST_SEED={SEED} to reproduce)"
 
 
+# reports a test wants printed at the end of the run (e.g. the Triton compile check's table)
+REPORTS = []
+
+
 def pytest_terminal_summary(terminalreporter):
+    for report in REPORTS:
+        terminalreporter.write_line(report)
     # also under -q, where the header is not shown
     terminalreporter.write_line(f"spectral_ext test seed: {SEED} "
                                 f"(SPECTRAL_EXT_TEST_SEED={SEED} reproduces this run)")

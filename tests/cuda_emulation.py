@@ -3,12 +3,14 @@
 ``load()`` compiles csrc/cuda/binding.cpp and csrc/cuda/fused_step.cu (through emulated.cpp) as
 C++ with -DSPECTRAL_EXT_EMULATE, once per session, and returns ``torch.ops.spectral_ext_emu``,
 whose ``fused_step`` is the CUDA backend's code path on CPU tensors: the same checks, layer
-table, tiling and kernels, each CUDA thread run as a fiber.  It shows the indexing, the
+table, tiling and kernels, each CUDA thread run as a fiber, the blocks of each launch in a random
+order drawn from SPECTRAL_EXT_EMU_ORDER_SEED (tests/conftest.py sets it from the test seed).  It shows the indexing, the
 reductions and the numerics without a GPU; it cannot show speed or the GPU memory model.
 Needs the CUDA headers (cuda_fp16.h, cuda_runtime_api.h) and libcudart_static.a, not a GPU.
 """
 
 import os
+import random
 import tempfile
 
 import torch
@@ -45,5 +47,8 @@ def load():
             extra_ldflags=[f"-L{os.path.join(CUDA_HOME, 'lib64')}", "-l:libcudart_static.a",
                            "-ldl", "-lrt", "-lpthread"],
             build_directory=build, is_python_module=False, with_cuda=False, verbose=False)
-        _state["ops"] = torch.ops.spectral_ext_emu
+        ops = torch.ops.spectral_ext_emu
+        seed = os.environ.get("SPECTRAL_EXT_EMU_ORDER_SEED")
+        ops.block_order(int(seed) if seed else random.SystemRandom().randrange(1, 2**62))
+        _state["ops"] = ops
     return _state["ops"]

@@ -69,6 +69,29 @@ def test_backend_says_why_it_cannot_run():
     assert se.resolve_backend([torch.randn(2, 2)]) == "cpu"     # CPU tensors: never cuda
 
 
+@pytest.mark.parametrize("runtime, driver, devices, fragment", [
+    (13000, 12080, 1, "needs a driver for CUDA 13.0 or newer (R580+); this driver supports CUDA 12.8"),
+    (13000, 0, 0, "this driver was not found"),
+    (13000, 13000, 0, "sees no GPU")])
+def test_old_driver_makes_the_cuda_backend_unavailable(monkeypatch, runtime, driver, devices,
+                                                        fragment):
+    """Item 7: the kernels' static CUDA 13 runtime needs an R580+ driver; with an older one the
+    backend says so (and auto falls back to triton) instead of failing at the first launch."""
+    from spectral_ext import _C
+    if not _C.cuda_compiled():
+        pytest.skip("the CUDA kernels are not built here")
+    monkeypatch.setattr(_C, "cuda_runtime", lambda: (runtime, driver, devices))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    functional._cuda_driver_error.cache_clear()
+    try:
+        info = se.available_backends()["cuda"]
+        assert not info.available and fragment in info.detail, info
+        with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable: .*" + re.escape(fragment)):
+            se.fused_step([torch.randn(3, 4)], [torch.randn(4)], backend="cuda")
+    finally:
+        functional._cuda_driver_error.cache_clear()
+
+
 @needs_gpu
 def test_cuda_backend_rejects_cpu_tensors_and_auto_picks_it():
     with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
@@ -170,6 +193,167 @@ def test_bad_input_changes_nothing(case):
         assert torch.equal(a, b)
 
 
+def _ref_step(ws, vs, gs, lam, n_iter):
+    v, g = [x.clone() for x in vs], [x.clone() for x in gs]
+    return reference.fused_step(ws, v, lam=lam, n_iter=n_iter, grads=g), v, g
+
+
+def test_blocks_run_in_a_seeded_random_order():
+    """The emulation runs the blocks of a launch in a random order (SPECTRAL_EXT_EMU_ORDER_SEED,
+    from the test seed): results, whose sums all have a fixed order, are bitwise the same for
+    every order."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(300, 1100), (2100, 3), (1, 5000)])
+    out, hashes = [], set()
+    try:
+        for seed in (0, 1, 2, 12345):
+            ops.block_order(seed)
+            v, g = [x.clone() for x in vs], [x.clone() for x in gs]
+            out.append((ops.fused_step(ws, v, g, 0.1, 2), v, g))
+            hashes.add(ops.last_order_hash())
+    finally:
+        ops.block_order(int(os.environ["SPECTRAL_EXT_EMU_ORDER_SEED"]))
+    assert len(hashes) == 4      # four different orders of the same grid (seed 0: in order)
+    for a in out[1:]:
+        for x, y in zip([out[0][0], *out[0][1], *out[0][2]], [a[0], *a[1], *a[2]]):
+            assert torch.equal(x, y)
+
+
+def test_a_step_that_failed_half_way_leaves_no_stale_counter():
+    """Item 5: the "last block" counters are per call and zeroed at the start of every step (they
+    were in the cached table, zeroed once at upload: a step that died half-way, or two streams
+    on one table, left counts that made the wrong block "last" on every later step)."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(300, 1100), (2100, 3), (64, 64)])
+    ops.fused_step(ws, [v.clone() for v in vs], [g.clone() for g in gs], 0.1, 1)  # table cached
+    ops.fail_after(5)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        ops.fused_step(ws, [v.clone() for v in vs], [g.clone() for g in gs], 0.1, 1)
+    s_ref, v_ref, g_ref = _ref_step(ws, vs, gs, 0.1, 2)
+    s = ops.fused_step(ws, vs, gs, 0.1, 2)
+    assert_rel_close(s, s_ref, 2e-5, "sigma after a failed step")
+    for a, b in zip(vs + gs, v_ref + g_ref):
+        assert_rel_close(a, b, 2e-5, "v / grad after a failed step")
+
+
+def test_tables_of_captured_graphs_are_pinned():
+    """Item 1: a table used while a graph is captured stays cached (not evicted, not cleared)
+    until the graph is destroyed, since a replay uses its pointers; others go least recently
+    used first.  (Capture is emulated: the emulation's capture hook makes the binding see a
+    capturing stream, and its "graphs" own the pins until destroy_graphs; on a GPU a CUDA user
+    object owned by the graph does this: test_cuda_graph_survives_table_eviction below.)"""
+    ops = _emu()
+    ops.clear_plans()
+    ws, vs, gs = _inputs([(5, 7), (3, 2, 2)])
+    ops.fused_step(ws, vs, gs, 0.1, 1)                      # warm-up: uploads the table
+    ops.capture(True)
+    try:
+        ops.fused_step(ws, vs, gs, 0.1, 1)                  # "captured": pins the table
+    finally:
+        ops.capture(False)
+    assert ops.pinned_plans() == 1
+    ops.clear_plans()
+    for _ in range(20):                                      # 20 other tables: evictions
+        ops.fused_step([w.clone() for w in ws], vs, gs, 0.1, 1)
+    ops.capture(True)
+    try:   # a second capture with the same tensors still finds the table (no upload needed)
+        ops.fused_step(ws, vs, gs, 0.1, 1)
+    finally:
+        ops.capture(False)
+    assert ops.destroy_graphs() == 2
+    assert ops.pinned_plans() == 0
+    ops.clear_plans()
+    assert ops.cached_plans() == 0
+
+
+def test_tables_are_evicted_least_recently_used():
+    ops = _emu()
+    ops.clear_plans()
+    ws, vs, gs = _inputs([(5, 7)])
+    ops.fused_step(ws, vs, gs, 0.1, 1)
+    others = [[w.clone() for w in ws] for _ in range(15)]
+    for o in others:
+        ops.fused_step(o, vs, gs, 0.1, 1)
+    ops.fused_step(ws, vs, gs, 0.1, 1)                      # the oldest table, used again
+    ops.fused_step([w.clone() for w in ws], vs, gs, 0.1, 1)   # a 17th table: evicts others[0]
+    assert ops.cached_plans() == 16
+    ops.capture(True)
+    try:   # under capture a missing table raises: ws's table must still be there
+        ops.fused_step(ws, vs, gs, 0.1, 1)
+        with pytest.raises(RuntimeError, match="before capturing"):
+            ops.fused_step(others[0], vs, gs, 0.1, 1)
+    finally:
+        ops.capture(False)
+    ops.destroy_graphs()
+    ops.clear_plans()
+
+
+def test_tensors_on_another_device_than_the_current_one():
+    """Item 4: the binding makes the tensors' device current in its own CUDA runtime before it
+    creates the table's event, memsets or launches, and restores the previous device (the event
+    was created on the current device, then used on the other one's stream: "invalid resource
+    handle" on the first call).  The emulation fails a runtime call made with another device
+    current, as a GPU does."""
+    ops = _emu()
+    ws, vs, gs = _inputs([(37, 129), (5, 3, 3, 3)])
+    s_ref, v_ref, g_ref = _ref_step(ws, vs, gs, 0.1, 2)
+    assert ops.runtime_device() == 0
+    ops.clear_plans()
+    try:
+        ops.tensor_device(1)
+        s = ops.fused_step(ws, vs, gs, 0.1, 2)
+        assert ops.runtime_device() == 0                    # restored
+    finally:
+        ops.tensor_device(0)
+    assert_rel_close(s, s_ref, 2e-5, "sigma on device 1")
+    for a, b in zip(vs + gs, v_ref + g_ref):
+        assert_rel_close(a, b, 2e-5, "v / grad on device 1")
+    ops.fused_step(ws, vs, gs, 0.1, 1)                      # and device 0 again
+
+
+def _sanitize_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "sanitize_cuda.py")
+    spec = importlib.util.spec_from_file_location("sanitize_cuda", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("corrupt", [None, "v", "grad", "order"])
+def test_sanitize_workload_checks_every_output(corrupt):
+    """Item 6: benchmarks/sanitize_cuda.py (run under compute-sanitizer on a GPU) checks sigma,
+    every v and every gradient, tightly, and --repeat checks bitwise repeatability; here through
+    the emulation, on smaller shapes, and with a step that corrupts one output (the workload
+    checked sigma only, with 2e-2 in low precision, before)."""
+    ops = _emu()
+    sz = _sanitize_module()
+    calls = []
+
+    def step(ws, vs, gs, lam, n_iter):
+        s = ops.fused_step(ws, vs, gs, lam, n_iter)
+        calls.append(1)
+        if corrupt == "v":
+            vs[3].mul_(1 + 1e-3)
+        elif corrupt == "grad" and gs[-1].dtype == torch.bfloat16:
+            gs[-1].view(-1)[0] += gs[-1].abs().max() * 0.05
+        elif corrupt == "grad":
+            gs[-1].view(-1)[0] += gs[-1].abs().max() * 1e-4
+        elif corrupt == "order" and len(calls) == 3:
+            vs[0].view(-1)[0] = torch.nextafter(vs[0].view(-1)[0], torch.tensor(2.0))
+        return s
+    if corrupt == "order":
+        problems = sz.check_repeatable(step, "cpu", 3, shapes=[(300, 130), (2100, 3), (1, 1100)])
+    else:
+        problems = sz.check_workload(step, "cpu", shapes=sz.SMALL_SHAPES)
+    if corrupt is None:
+        assert problems == []
+    else:
+        assert problems, "the corrupted output was not noticed"
+        assert (corrupt == "order") == ("differs" in problems[0]), problems[0]
+
+
 # ---- on a GPU ------------------------------------------------------------------------------------
 
 @needs_gpu
@@ -231,6 +415,64 @@ def test_cuda_graph_replay_equals_eager():
 
 
 @needs_gpu
+def test_cuda_graph_survives_table_eviction():
+    """Item 1 on a GPU: a captured graph replays correctly after clear_plans() and 20 other
+    tables (evictions) and after the freed memory was reused: the table it uses is pinned by a
+    CUDA user object the graph owns, and released when the graph is destroyed."""
+    from spectral_ext import _C
+    import gc
+    ws, vs, gs = _inputs([(300, 1100), (64, 64), (1, 5000), (33, 64, 3, 3)], device="cuda")
+    v0, g0 = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_v, eager_g = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_s = se.fused_step(ws, eager_v, grads=eager_g, n_iter=2, backend="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    _C.cuda_clear_plans()    # the warm-up's table, unpinned so far: re-uploaded by the next step
+    se.fused_step(ws, [v.clone() for v in vs], grads=[g.clone() for g in gs], n_iter=2,
+                  backend="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sigma = se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
+    assert _C.cuda_pinned_plans() >= 1
+    _C.cuda_clear_plans()
+    for _ in range(20):
+        o = _inputs([(64, 64)], device="cuda")
+        se.fused_step(o[0], o[1], grads=o[2], backend="cuda")
+    poison = torch.full((1 << 22,), float("nan"), device="cuda")
+    del poison
+    for v, a in zip(vs, v0):
+        v.copy_(a)
+    for g, a in zip(gs, g0):
+        g.copy_(a)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(sigma, eager_s)
+    for a, b in zip(vs + gs, eager_v + eager_g):
+        assert torch.equal(a, b)
+    del graph
+    gc.collect()
+    torch.cuda.synchronize()
+    # the user object's release runs on a CUDA thread, asynchronously: wait a little for it
+    import time
+    for _ in range(100):
+        if _C.cuda_pinned_plans() == 0:
+            break
+        time.sleep(0.01)
+    assert _C.cuda_pinned_plans() == 0
+
+
+@needs_gpu
+def test_many_tile_step_is_bitwise_repeatable():
+    """Item 6: the "last block" steps order the blocks' partial sums across the whole grid, which
+    racecheck cannot see; a many-tile step repeated 300 times gives the same bits every time."""
+    sz = _sanitize_module()
+    assert sz.check_repeatable(sz.cuda_step, "cuda", 300) == []
+
+
+@needs_gpu
 def test_capture_without_warm_up_says_so():
     from spectral_ext import _C
     ws, vs, gs = _inputs([(7, 9)], device="cuda")
@@ -269,9 +511,20 @@ def test_poisoned_memory_and_streams():
 @needs_gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_second_device():
+    """Item 4: tensors on a GPU that is not the current one (the first call failed with "invalid
+    resource handle"); the current device is unchanged after the call, and device 0 works
+    again after device 1 (the kernels' runtime device was never restored)."""
+    from spectral_ext import _C
+    _C.cuda_clear_plans()
+    assert torch.cuda.current_device() == 0
     ws, vs, gs = _inputs([(37, 129), (5, 3, 3, 3)], device="cuda:1")
     v_ref, g_ref = [v.clone() for v in vs], [g.clone() for g in gs]
     s = se.fused_step(ws, vs, grads=gs, backend="cuda")
     s_ref = reference.fused_step(ws, v_ref, grads=g_ref)
+    assert torch.cuda.current_device() == 0
     assert s.device == torch.device("cuda:1")
     assert_rel_close(s, s_ref, 2e-5, "sigma on cuda:1")
+    w0, v0, g0 = _inputs([(7, 9)], device="cuda:0")
+    s0 = se.fused_step(w0, v0, grads=g0, backend="cuda")
+    assert_rel_close(s0, reference.fused_step(w0, se.init_vectors(w0), grads=[torch.zeros_like(w0[0])]),
+                     2e-5, "sigma on cuda:0 after cuda:1")

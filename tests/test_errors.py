@@ -24,6 +24,25 @@ def _like(ws, *shape):
     return torch.ones(shape, device=ws[0].device)
 
 
+def _overlapping(ws, shapes, start):
+    """Views of one buffer: the second starts at element `start`, inside the first."""
+    n0 = 1
+    for d in shapes[0]:
+        n0 *= d
+    n1 = 1
+    for d in shapes[1]:
+        n1 *= d
+    buf = torch.randn(start + n1, device=ws[0].device)
+    return [buf[:n0].view(shapes[0]), buf[start:start + n1].view(shapes[1])]
+
+
+def _interleaved(ws):
+    """grads[0] on the even, grads[1] on the odd elements of one buffer: no element is shared,
+    but the byte ranges cross (refused: the rule compares byte ranges)."""
+    buf = torch.randn(48, device=ws[0].device)
+    return [buf[0::2].view(4, 6), buf[1::2].view(3, 2, 2, 2)]
+
+
 def _cases():
     """(id, mutate(ws, vs, grads) -> kwargs, exception type, message fragment)."""
     return [
@@ -61,6 +80,21 @@ def _cases():
          ValueError, "grads[0] has overlapping memory"),
         ("expanded_v", lambda ws, vs, gs: dict(vs=[vs[0], _like(ws, 1).expand(8)]), ValueError,
          "vs[1] has overlapping memory"),
+        # memory overlap (issue 13 item 12): refused before anything is written
+        ("grad_is_weight", lambda ws, vs, gs: dict(grads=[ws[0], gs[1]]), ValueError,
+         "weights[0] and grads[0] overlap in memory"),
+        ("grad_views_other_weight", lambda ws, vs, gs: dict(grads=[gs[0], ws[0].view(3, 2, 2, 2)]),
+         ValueError, "weights[0] and grads[1] overlap in memory"),
+        ("v_views_its_weight", lambda ws, vs, gs: dict(vs=[vs[0], ws[1].view(-1)[:8]]), ValueError,
+         "weights[1] and vs[1] overlap in memory"),
+        ("v_views_a_grad", lambda ws, vs, gs: dict(vs=[gs[0][1], vs[1]]), ValueError,
+         "vs[0] and grads[0] overlap in memory"),
+        ("vs_overlap", lambda ws, vs, gs: dict(vs=_overlapping(ws, [(6,), (8,)], 4)), ValueError,
+         "vs[0] and vs[1] overlap in memory"),
+        ("grads_overlap", lambda ws, vs, gs: dict(grads=_overlapping(ws, [(4, 6), (3, 2, 2, 2)], 20)),
+         ValueError, "grads[0] and grads[1] overlap in memory"),
+        ("grads_interleaved", lambda ws, vs, gs: dict(grads=_interleaved(ws)), ValueError,
+         "grads[0] and grads[1] overlap in memory"),
         ("n_iter_zero", lambda ws, vs, gs: dict(n_iter=0), ValueError, "n_iter must be >= 1"),
         ("n_iter_float", lambda ws, vs, gs: dict(n_iter=1.5), TypeError, "n_iter must be an int"),
         ("lam_nan", lambda ws, vs, gs: dict(lam=float("nan")), ValueError, "lam must be finite"),
@@ -83,6 +117,41 @@ def test_bad_input_raises_and_changes_nothing(case, backend):
         se.fused_step(kwargs.pop("weights"), kwargs.pop("vs"), **kwargs)
     for before, after in zip(snapshot, ws + vs + gs):
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_disjoint_views_of_one_buffer_and_shared_weights_are_accepted(backend):
+    """Gradients (and vectors) that are disjoint slices of one flat buffer, as in a flattened
+    parameter, are fine, and so are weights that share memory (they are only read)."""
+    dev = DEVICE.get(backend, "cpu")
+    big = torch.randn(60, device=dev)
+    ws = [big[:24].view(4, 6), big[12:36].view(3, 2, 2, 2)]     # overlapping weights: allowed
+    flat = torch.zeros(48, device=dev)
+    gs = [flat[:24].view(4, 6), flat[24:].view(3, 2, 2, 2)]
+    vflat = torch.zeros(14, device=dev)
+    vs = [vflat[:6], vflat[6:]]
+    for v, v0 in zip(vs, se.init_vectors(ws)):
+        v.copy_(v0)
+    g_ref = [torch.zeros_like(w) for w in ws]
+    v_ref = [v.clone() for v in vs]
+    s = se.fused_step(ws, vs, grads=gs, lam=0.1, backend=backend)
+    s_ref = se.fused_step(ws, v_ref, grads=g_ref, lam=0.1, backend="reference")
+    assert torch.allclose(s, s_ref, rtol=2e-5)
+    for a, b in zip(gs + vs, g_ref + v_ref):
+        assert torch.allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+def test_existing_grad_overlapping_a_vector_is_reported_before_any_grad_is_created():
+    ws = [torch.randn(3, 4, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+    vs = se.init_vectors(ws)
+    ws[1].grad = torch.zeros(2, 2)
+    vs[0] = ws[1].grad.view(-1)                          # v of layer 0 inside layer 1's .grad
+    for backend in BACKENDS:
+        if DEVICE.get(backend, "cpu") != "cpu":
+            continue
+        with pytest.raises(ValueError, match=re.escape("vs[0] and grads[1] overlap in memory")):
+            se.fused_step(ws, vs, backend=backend)
+        assert ws[0].grad is None
 
 
 def test_existing_bad_grad_is_reported_before_any_grad_is_created():
@@ -147,6 +216,9 @@ def test_cpp_kernel_checks_direct_op_calls():
         ((ws, vs, [gs[0].t(), gs[1]], 0.1, 1), ValueError, "grads[0] has shape (6, 4)"),
         (([ws[0], ws[0]], [vs[0], vs[0].clone()], gs, 0.1, 1), ValueError,
          "weights[1] is the same tensor as weights[0]"),
+        ((ws, vs, [ws[0], gs[1]], 0.1, 1), ValueError, "weights[0] and grads[0] overlap in memory"),
+        ((ws, [vs[0], gs[1].view(-1)[:8]], gs, 0.1, 1), ValueError,
+         "vs[1] and grads[1] overlap in memory"),
         ((ws, vs, gs, 0.1, 0), ValueError, "n_iter must be >= 1"),
     ]
     for args, exc, fragment in bad:
@@ -166,3 +238,49 @@ def test_backend_is_checked_without_weights():
         else:
             with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable"):
                 se.resolve_backend([], name)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ CPU backend is not built here")
+def test_cpp_and_python_overlap_rules_agree():
+    """Random views of a few shared buffers as weights, vectors and gradients: the C++ check
+    (csrc/spectral_ext.h) and the Python one (_checks.check_no_overlap) refuse exactly the same
+    calls, with the same message, and each refusal names two tensors that really share bytes."""
+    import random
+    from spectral_ext import _checks
+    rng = random.Random(zlib_seed())
+    refused = 0
+    for _ in range(300):
+        bufs = [torch.zeros(64) for _ in range(3)]
+
+        def view(n, bufs=bufs):
+            b = rng.choice(bufs + [None])
+            if b is None:
+                return torch.zeros(n)
+            step = rng.choice((1, 1, 2))
+            start = rng.randrange(0, 64 - step * (n - 1))
+            return b[start:start + step * (n - 1) + 1:step]
+        ws = [view(12).view(3, 4), view(6).view(2, 3)]
+        vs = [view(4), view(3)]
+        gs = [view(12).view(3, 4), view(6).view(2, 3)]
+        try:
+            _checks.check_no_overlap(ws, vs, gs)
+            py = None
+        except ValueError as e:
+            py = str(e)
+        try:
+            torch.ops.spectral_ext.fused_step.default.redispatch(
+                torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), ws, vs, gs, 0.1, 1)
+            cpp = None
+        except ValueError as e:
+            cpp = str(e).split("\n")[0]
+        assert (py is None) == (cpp is None), (py, cpp)
+        if py is not None:
+            refused += 1
+            assert py == cpp
+    assert 30 < refused < 270      # both kinds of case were drawn
+
+
+def zlib_seed():
+    import zlib
+    from conftest import SEED
+    return SEED ^ zlib.crc32(b"overlap")

@@ -57,6 +57,90 @@ def test_layer_table_is_cached_while_tensors_stay():
     assert len(tk._PLANS) == 2
 
 
+def test_tables_are_evicted_least_recently_used_and_pinned_by_capture(monkeypatch):
+    """Item 1: a table used while a CUDA graph is captured is never evicted (a replay reads its
+    addresses); the others go least recently used first (it was first in, first out).  Capture
+    is simulated here (tk._capturing); on a GPU test_cuda_graph_replay_survives_eviction below."""
+    tk._PLANS.clear()
+    ws, vs, gs = _inputs([(5, 7), (3, 2, 2)])
+    se.fused_step(ws, vs, grads=gs, backend="triton")                    # warm-up
+    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    se.fused_step(ws, vs, grads=gs, backend="triton")                    # "captured": pinned
+    with pytest.raises(RuntimeError, match="before capturing"):
+        se.fused_step([w.clone() for w in ws], vs, grads=gs, backend="triton")
+    monkeypatch.setattr(tk, "_capturing", lambda device: False)
+    pinned = next(iter(tk._PLANS.values()))
+    first = _inputs([(5, 7)])
+    se.fused_step(*first[:2], grads=first[2], backend="triton")
+    for _ in range(14):
+        o = _inputs([(5, 7)])
+        se.fused_step(*o[:2], grads=o[2], backend="triton")
+    assert len(tk._PLANS) == 16
+    se.fused_step(*first[:2], grads=first[2], backend="triton")         # used again: kept
+    keys = list(tk._PLANS)
+    for _ in range(5):
+        o = _inputs([(5, 7)])
+        se.fused_step(*o[:2], grads=o[2], backend="triton")
+    assert len(tk._PLANS) == 16
+    assert pinned in tk._PLANS.values()
+    assert keys[-1] in tk._PLANS and keys[1] not in tk._PLANS
+    tk.clear_plans()
+    assert list(tk._PLANS.values()) == [pinned]
+    tk._PLANS.clear()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (graph capture)")
+def test_cuda_graph_replay_survives_eviction():
+    """A graph captured with the triton backend replays right after its table would have been
+    evicted by 20 other tables and the memory reused (item 1, on a GPU)."""
+    ws, vs, gs = _inputs([(300, 1100), (64, 64), (33, 64, 3, 3)])
+    v0, g0 = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_v, eager_g = [v.clone() for v in vs], [g.clone() for g in gs]
+    eager_s = se.fused_step(ws, eager_v, grads=eager_g, n_iter=2, backend="triton")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        se.fused_step(ws, vs, grads=gs, n_iter=2, backend="triton")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sigma = se.fused_step(ws, vs, grads=gs, n_iter=2, backend="triton")
+    tk.clear_plans()
+    for _ in range(20):
+        o = _inputs([(64, 64)])
+        se.fused_step(*o[:2], grads=o[2], backend="triton")
+    poison = torch.full((1 << 22,), float("nan"), device="cuda")
+    del poison
+    for v, a in zip(vs, v0):
+        v.copy_(a)
+    for g, a in zip(gs, g0):
+        g.copy_(a)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(sigma, eager_s)
+    for a, b in zip(vs + gs, eager_v + eager_g):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tensors_on_a_gpu_that_is_not_the_current_one():
+    """Item 4: the host path makes the tensors' device current (Triton launches on the current
+    device's stream: an illegal address before)."""
+    from spectral_ext import reference
+    ws = [torch.randn(37, 129, device="cuda:1"), torch.randn(5, 3, 3, 3, device="cuda:1")]
+    vs = se.init_vectors(ws)
+    gs = [torch.randn_like(w) for w in ws]
+    v_ref, g_ref = [v.clone() for v in vs], [g.clone() for g in gs]
+    assert torch.cuda.current_device() == 0
+    s = se.fused_step(ws, vs, grads=gs, backend="triton")
+    s_ref = reference.fused_step(ws, v_ref, grads=g_ref)
+    torch.cuda.synchronize(1)
+    assert torch.cuda.current_device() == 0
+    assert torch.allclose(s, s_ref, rtol=2e-5)
+    for a, b in zip(vs + gs, v_ref + g_ref):
+        assert torch.allclose(a, b, rtol=2e-5, atol=1e-6)
+
+
 def test_auto_picks_triton_for_cuda_tensors():
     if DEVICE.type != "cuda":
         assert se.resolve_backend([torch.randn(2, 2)]) != "triton"   # CPU tensors: never auto

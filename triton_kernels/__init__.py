@@ -7,7 +7,9 @@ it as the op ``spectral_ext::fused_step_triton`` (an opaque custom op: see there
 ``torch.library.triton_op``).
 """
 
+import contextlib
 import os
+from collections import OrderedDict
 from itertools import accumulate
 from typing import Dict, List, Sequence, Tuple
 
@@ -16,7 +18,7 @@ import triton.language as tl
 
 from .fused_step import _cols_kernel, _finalize_kernel, _rows_kernel
 
-__all__ = ["fused_step_forward", "SUPPORTED_DTYPES", "block_sizes"]
+__all__ = ["fused_step_forward", "SUPPORTED_DTYPES", "block_sizes", "clear_plans"]
 
 SUPPORTED_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
                     torch.bfloat16: tl.bfloat16}
@@ -48,7 +50,13 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
 class _Plan:
     """Everything of one dtype group that depends only on pointers, shapes and strides: the
     device tables and tile maps, built once and cached while they stay the same (a step then
-    copies nothing to the device, as CUDA-graph capture requires)."""
+    copies nothing to the device, as CUDA-graph capture requires).
+
+    Lifetime: a graph captured with a plan replays with the addresses of its tables, so a plan
+    used while capturing is pinned (never evicted) for the life of the process; the others are
+    evicted least recently used first beyond _MAX_PLANS.  A plan used on a stream other than the
+    one that built it records that stream on its tables, so the caching allocator does not hand
+    their memory out (after an eviction) while that stream may still read them."""
 
     def __init__(self, Ws, Gs, Vs, out_index, device):
         BR, BC = block_sizes()
@@ -77,10 +85,34 @@ class _Plan:
         self.zeros = i32([0] * len(Ws))
         self.layer_out = i64(out_index)
         self.n_row_tiles, self.n_col_tiles = len(rl), len(cl)
+        self.pinned = False
+        self.streams = set()
+        if device.type == "cuda":
+            self.streams.add(torch.cuda.current_stream(device))
+
+    def tables(self):
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+    def used_on(self, stream):
+        """Records `stream` on the tables (once per stream)."""
+        if stream not in self.streams:
+            for t in self.tables():
+                t.record_stream(stream)
+            self.streams.add(stream)
 
 
-_PLANS: Dict[tuple, _Plan] = {}
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()   # least recently used first
 _MAX_PLANS = 16
+
+
+def clear_plans():
+    """Drops the cached plans, except those pinned by a captured CUDA graph."""
+    for key in [k for k, p in _PLANS.items() if not p.pinned]:
+        del _PLANS[key]
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _plan(Ws, Gs, Vs, out_index, device) -> _Plan:
@@ -88,11 +120,24 @@ def _plan(Ws, Gs, Vs, out_index, device) -> _Plan:
            tuple((w.data_ptr(), tuple(w.shape), w.stride(0), w.dtype) for w in Ws),
            tuple((g.data_ptr(), g.stride(0), g.dtype) for g in Gs),
            tuple(v.data_ptr() for v in Vs))
+    capturing = _capturing(device)
     plan = _PLANS.get(key)
     if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
+        if capturing:
+            raise RuntimeError(
+                "spectral_ext.fused_step (triton): these tensors have no cached layer table yet, "
+                "and uploading one is not allowed while the stream is captured into a CUDA "
+                "graph; run one step with the same tensors before capturing (warm-up)")
+        unpinned = [k for k, p in _PLANS.items() if not p.pinned]
+        while len(_PLANS) >= _MAX_PLANS and unpinned:
+            del _PLANS[unpinned.pop(0)]
         plan = _PLANS[key] = _Plan(Ws, Gs, Vs, out_index, device)
+    else:
+        _PLANS.move_to_end(key)
+        if device.type == "cuda" and not capturing:
+            plan.used_on(torch.cuda.current_stream(device))
+    if capturing:
+        plan.pinned = True
     return plan
 
 
@@ -113,13 +158,21 @@ def fused_step_forward(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tenso
     """The fused step with the Triton kernels (inputs already checked by the caller): returns
     sigma [L] (float32) and updates vs and grads in place."""
     device = weights[0].device
+    # the tensors' device, current for the launches and allocations (it need not be the current
+    # one: Triton launches on the current device's stream)
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return _fused_step_forward(weights, vs, grads, lam, n_iter, device)
+
+
+def _fused_step_forward(weights, vs, grads, lam, n_iter, device) -> torch.Tensor:
     sigma = torch.empty(len(weights), dtype=torch.float32, device=device)
     BR, BC = block_sizes()
     groups: Dict[tuple, List[int]] = {}
     for i, (w, g) in enumerate(zip(weights, grads)):
         groups.setdefault((w.dtype, g.dtype), []).append(i)
     for (wdt, gdt), idx in groups.items():
-        Ws, Gs, Vs, write_back = [], [], [], []
+        Ws, Gs, Vs, write_back, v_copies = [], [], [], [], []
         for i in idx:
             w, g, v = weights[i], grads[i], vs[i]
             rows = w.shape[0]
@@ -131,15 +184,18 @@ def fused_step_forward(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tenso
                 write_back.append((g, g2))
             if v.dtype == torch.float32 and v.is_contiguous():
                 Vs.append(v)
-            else:   # float64 or strided vectors: a float32 working copy, written back after
+            else:   # float64 or strided vectors: a float32 working copy, written back after,
+                # where some iteration updated it (a kept v stays exactly as it was)
                 vw = v.to(torch.float32).contiguous()
                 Vs.append(vw)
-                write_back.append((v, vw))
+                v_copies.append((len(Vs) - 1, v, vw))
         p = _plan(Ws, Gs, Vs, idx, device)
         u_raw = torch.empty(p.n_u, dtype=torch.float32, device=device)
         v_prime = torch.empty(p.n_v, dtype=torch.float32, device=device)
-        u_inv = torch.empty(len(idx), dtype=torch.float32, device=device)
+        u_norm = torch.empty(len(idx), dtype=torch.float64, device=device)
         partial = torch.empty(p.n_col_tiles, dtype=torch.float64, device=device)
+        v_updated = torch.zeros(len(idx), dtype=torch.int32, device=device) if v_copies \
+            else u_norm      # not read without TRACK_UPDATES
         wt, gt = SUPPORTED_DTYPES[wdt], SUPPORTED_DTYPES[gdt]
         for it in range(n_iter):
             last = it == n_iter - 1
@@ -148,15 +204,18 @@ def fused_step_forward(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tenso
                 u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
             _cols_kernel[(p.n_col_tiles,)](
                 p.col_layer, p.col_start, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
-                p.voff, u_raw, v_prime, u_inv, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
             # the last iteration also updates the gradients, over every row tile; earlier ones
             # only finalize sigma and v, one program per layer
             tl_, ts_, n = ((p.row_layer, p.row_start, p.n_row_tiles) if last else
                            (p.first_layer, p.zeros, len(idx)))
             _finalize_kernel[(n,)](
                 tl_, ts_, p.v_tab, p.g_tab, p.rows, p.cols, p.ldg, p.uoff, p.voff, p.pstart,
-                p.pcount, p.layer_out, u_raw, v_prime, u_inv, partial, sigma, lam,
-                G_DTYPE=gt, UPDATE_GRAD=last, BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64)
+                p.pcount, p.layer_out, u_raw, v_prime, u_norm, partial, sigma, v_updated, lam,
+                G_DTYPE=gt, UPDATE_GRAD=last, TRACK_UPDATES=bool(v_copies), BLOCK_R=BR,
+                BLOCK_C=BC, BLOCK_P=64)
         for dst, src in write_back:
             dst.copy_(src.reshape(dst.shape))
+        for j, v, vw in v_copies:
+            v.copy_(torch.where(v_updated[j] != 0, vw.to(v.dtype), v))
     return sigma

@@ -13,11 +13,13 @@ Phases of one power iteration (semantics: spectral_ext.reference):
   3. ``_finalize_kernel``  sigma = ||v'||, v = v' / sigma, and grad += lam * u v'^T
                            (= lam * sigma * u v^T, no W needed)     tiles = (layer, block of rows)
 n_iter = 1 is three launches; each further iteration adds three (its finalize updates v only).
-Arithmetic is float32, squared norms are summed in float64 (as in the reference), and
-unlike the C++ kernel nothing forms W^T W v unnormalized, so there is no sigma^2 range limit.
-bf16/fp16 values are upcast with ``.to(tl.float32)`` before any
-arithmetic (the interpreter's bf16 arithmetic is not exact), and gradients are rounded to their
-dtype once.
+Arithmetic is float32, squared norms are summed in float64 (as in the reference), and nothing
+forms W^T W v unnormalized, so there is no sigma^2 range limit.  The divisions by a norm
+(u = u_raw / ||u_raw||, v = v' / sigma) are done in float64 and never as a product with the
+inverse, which overflows float32 when ||u_raw|| < 3e-39.  bf16/fp16 values are upcast to float32
+before any arithmetic (the interpreter's bf16 arithmetic is not exact); bf16 from its bits
+(``_to_f32``: ``.to(tl.float32)`` turned bf16 subnormals into wrong values in the interpreter),
+and gradients are rounded to their dtype once.
 """
 
 import triton
@@ -43,10 +45,30 @@ def _round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(W, ldw, r, rmask, c, cmask):
+def _to_f32(x, DTYPE: tl.constexpr):
+    """DTYPE -> float32, exactly.  bfloat16 from its bits (a bf16 is the top half of a float32),
+    so subnormals convert the same on every platform (the interpreter's .to(tl.float32) gave
+    8.27e-39 for 1.001e-38)."""
+    if DTYPE == tl.bfloat16:
+        b = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _div(x, d):
+    """x / d in float64, rounded once to float32 (x float32, d float64), 0 where d is 0 (a NaN d
+    propagates)."""
+    q = x.to(tl.float64) / tl.where(d == 0.0, 1.0, d)
+    return tl.where(d == 0.0, 0.0, q).to(tl.float32)
+
+
+@triton.jit
+def _load_tile(W, ldw, r, rmask, c, cmask, DTYPE: tl.constexpr):
     """W[r, c] (row stride ldw, unit column stride) as float32, zero outside the masks."""
-    return tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
-                   mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    return _to_f32(tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
+                           mask=rmask[:, None] & cmask[None, :], other=0.0), DTYPE)
 
 
 @triton.jit
@@ -67,14 +89,14 @@ def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_t
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < cols
         x = tl.load(v + c, mask=cmask, other=0.0)
-        acc += _load_tile(W, ldw, r, rmask, c, cmask) * x[None, :]
+        acc += _load_tile(W, ldw, r, rmask, c, cmask, W_DTYPE) * x[None, :]
     u_off = tl.load(uoff_tab + layer)
     tl.store(u_raw + u_off + r, tl.sum(acc, axis=1), mask=rmask)
 
 
 @triton.jit
 def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
-                 uoff_tab, voff_tab, u_raw, v_prime, u_inv, partial_v2,
+                 uoff_tab, voff_tab, u_raw, v_prime, u_norm, partial_v2,
                  W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
@@ -92,31 +114,30 @@ def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
         r = r0 + tl.arange(0, BLOCK_R)
         u = tl.load(u_raw + u_off + r, mask=r < rows, other=0.0).to(tl.float64)
         u2 += u * u
-    nrm = tl.sqrt(tl.sum(u2, axis=0)).to(tl.float32)
-    # a zero matrix gives u = 0 (not NaN); a NaN norm propagates (as in reference.py)
-    inv = tl.where(nrm == 0.0, 0.0, 1.0 / nrm)
+    # kept in float64: a zero matrix gives u = 0 (not NaN), a NaN norm propagates
+    nrm = tl.sqrt(tl.sum(u2, axis=0))
     c = c0 + tl.arange(0, BLOCK_C)
     cmask = c < cols
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, rows, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         rmask = r < rows
-        u = tl.load(u_raw + u_off + r, mask=rmask, other=0.0) * inv
-        acc += _load_tile(W, ldw, r, rmask, c, cmask) * u[:, None]
+        u = _div(tl.load(u_raw + u_off + r, mask=rmask, other=0.0), nrm)
+        acc += _load_tile(W, ldw, r, rmask, c, cmask, W_DTYPE) * u[:, None]
     vp = tl.sum(acc, axis=0)
     tl.store(v_prime + tl.load(voff_tab + layer) + c, vp, mask=cmask)
     vp64 = vp.to(tl.float64)
     tl.store(partial_v2 + t, tl.sum(vp64 * vp64, axis=0))
     if c0 == 0:
-        tl.store(u_inv + layer, inv)
+        tl.store(u_norm + layer, nrm)
 
 
 @triton.jit
 def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, ldg_tab,
                      uoff_tab, voff_tab, pstart_tab, pcount_tab, layer_out, u_raw, v_prime,
-                     u_inv, partial_v2, sigma_out, lam, G_DTYPE: tl.constexpr,
-                     UPDATE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_P: tl.constexpr):
+                     u_norm, partial_v2, sigma_out, v_updated, lam, G_DTYPE: tl.constexpr,
+                     UPDATE_GRAD: tl.constexpr, TRACK_UPDATES: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
     r0 = tl.load(tile_start + t)
@@ -128,14 +149,14 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
         ldg = tl.load(ldg_tab + layer)
         r = r0 + tl.arange(0, BLOCK_R)
         rmask = r < rows
-        u = tl.load(u_raw + tl.load(uoff_tab + layer) + r, mask=rmask, other=0.0) \
-            * tl.load(u_inv + layer) * lam
+        u = _div(tl.load(u_raw + tl.load(uoff_tab + layer) + r, mask=rmask, other=0.0),
+                 tl.load(u_norm + layer)) * lam
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < cols
             m = rmask[:, None] & cmask[None, :]
             ptr = G + r[:, None].to(tl.int64) * ldg + c[None, :]
-            g = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+            g = _to_f32(tl.load(ptr, mask=m, other=0.0), G_DTYPE)
             vp = tl.load(v_prime + v_off + c, mask=cmask, other=0.0)
             tl.store(ptr, _round_to(g + u[:, None] * vp[None, :], G_DTYPE), mask=m)
     if r0 == 0:
@@ -146,7 +167,8 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
         for j in range(0, pn, BLOCK_P):
             jj = j + tl.arange(0, BLOCK_P)
             s2 += tl.load(partial_v2 + p0 + jj, mask=jj < pn, other=0.0)
-        sigma = tl.sqrt(tl.sum(s2, axis=0)).to(tl.float32)
+        sigma64 = tl.sqrt(tl.sum(s2, axis=0))
+        sigma = sigma64.to(tl.float32)
         tl.store(sigma_out + tl.load(layer_out + layer), sigma)
         # v = v' / sigma, unless sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
         # (sigma * 0 == 0 is false for Inf and NaN)
@@ -156,4 +178,6 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
                 c = c0 + tl.arange(0, BLOCK_C)
                 cmask = c < cols
                 vp = tl.load(v_prime + v_off + c, mask=cmask, other=0.0)
-                tl.store(v + c, vp / sigma, mask=cmask)
+                tl.store(v + c, _div(vp, sigma64), mask=cmask)
+            if TRACK_UPDATES:   # the host writes a working copy of v back only where updated
+                tl.store(v_updated + layer, 1)

@@ -9,10 +9,22 @@
 // Memory traffic for n_iter = 1 is therefore 4 bytes (W) + 8 bytes (G read and written) per
 // float32 parameter, below the 16-byte floor of the two-pass formulation.
 //
-// Parallelism (at::parallel_for, i.e. OpenMP): layers are split into "small" ones, each handled
-// whole by one thread (bins balanced by cost, largest first), and "large" ones (more than
-// 1/(2T) of the total work), whose rows are split over the T threads with per-thread partial
-// sums of vp_raw reduced in a fixed order.  Results are deterministic for a given thread count.
+// Row bands and determinism.  A layer's rows are cut into bands fixed by its shape alone
+// (band_count: about 128 Ki elements each, at least 256 rows, at most 64 bands); each band sums its
+// own partial vp_raw, and the bands' partials are added in band order.  Parallelism
+// (at::parallel_for, i.e. OpenMP) only decides who computes which band: "small" layers run whole
+// on one thread (bins balanced by cost, largest first), "large" ones (more than 1/(2T) of the
+// total work, and more than one band) have their bands spread over the T threads.  Both paths
+// run the same (not inlined) band and reduction code on 64-byte aligned buffers, so the results
+// are bitwise the same for any number of threads.
+//
+// Range.  Forming W^T W v before normalizing squares the scale: in float32, sigma^2 leaves the
+// range for sigma < 1e-19 or > 1e19 (float64: 1e-154, 1e154).  After each pass the norms of
+// u_raw and vp_raw are checked (in double); when either leaves [2^-60, 2^60] (float64:
+// [2^-400, 2^400]), or is not finite, the layer's max |W| is found and the pass is redone on
+// 2^k W (k making max |2^k W| lie in [0.5, 1); exact), and sigma and v' are scaled back.  So the
+// whole finite range of each weight dtype works, at the cost of two more passes only for
+// layers whose sums leave the range (and for NaN/Inf weights, which keep their NaN).
 //
 // Accumulation is in at::opmath_type<scalar_t>: float for float/bfloat16/half, double for double.
 
@@ -54,7 +66,33 @@ struct Layer {
   at::Tensor W_hold, G_hold;   // keep-alive of a copy made for a layout that is not 2-D strided
   at::Tensor G_out;            // defined when G_hold is a copy to be written back
   int64_t ws_offset = 0;       // into the dtype group's workspace: v [cols], vp [cols], u [rows]
+  int64_t bands = 1;           // row bands (band_count)
+  int64_t part_offset = 0;     // into the group's partial sums: bands x part_ld (bands > 1)
+  int64_t part_ld = 0;
+  int scale_exp = 0;           // W is read as 2^scale_exp W (see "Range" above)
+  bool scaled = false;         // scale_exp decided (no more range checks)
+  bool updated = false;        // some iteration gave a new v (else v is left untouched)
   double sigma = 0.0;
+};
+
+// Bands of a rows x cols layer: a function of the shape only (see "Row bands" above).
+// At least 256 rows per band: a band's partial sum costs one write and one read of `cols` values
+// against the band's rows * cols reads of W (under 1 % of the traffic).
+constexpr int64_t kBandRows = 256, kBandWork = int64_t{1} << 17, kMaxBands = 64;
+inline int64_t band_count(int64_t rows, int64_t cols) {
+  return std::clamp<int64_t>(std::min(rows / kBandRows, rows * cols / kBandWork), 1, kMaxBands);
+}
+
+// A 64-byte aligned scratch buffer of n elements, grown on demand (one per thread).
+template <typename T>
+struct Scratch {
+  std::vector<T> data;
+  T* get(int64_t n) {
+    constexpr size_t kPad = 64 / sizeof(T);
+    if (data.size() < static_cast<size_t>(n) + kPad) data.resize(static_cast<size_t>(n) + kPad);
+    auto p = reinterpret_cast<uintptr_t>(data.data());
+    return reinterpret_cast<T*>((p + 63) / 64 * 64);
+  }
 };
 
 // Element conversions to and from the accumulation type.  c10's BFloat16/Half conversions are
@@ -121,29 +159,39 @@ struct Kernel {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr bool kConvert = !std::is_same<scalar_t, acc_t>::value;
 
-  // Row r of W as acc_t: W itself when no conversion is needed, else converted into buf.
-  static const acc_t* row(const scalar_t* W, int64_t ld, int64_t r, int64_t cols, acc_t* buf) {
+  // Row r of W as acc_t: W itself when no conversion or scale is needed, else converted (and
+  // multiplied by s1 * s2, two exact powers of two) into buf.
+  template <bool kScaled>
+  static const acc_t* row(const scalar_t* W, int64_t ld, int64_t r, int64_t cols, acc_t* buf,
+                          acc_t s1, acc_t s2) {
     const scalar_t* src = W + r * ld;
-    if constexpr (!kConvert) {
+    if constexpr (!kConvert && !kScaled) {
       (void)cols;
       (void)buf;
+      (void)s1;
+      (void)s2;
       return src;
     } else {
-            convert_row(src, buf, cols);
+      convert_row(src, buf, cols);
+      if constexpr (kScaled) {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) buf[c] = buf[c] * s1 * s2;
+      }
       return buf;
     }
   }
 
   // u[r] = W[r,:] . v and vp += u[r] W[r,:] for r in [r0, r1), reading each row once.
-  // buf holds 4 * cols acc_t when kConvert.
+  // buf holds 4 * cols acc_t when kConvert or kScaled.
+  template <bool kScaled>
   static void fused_rows(const scalar_t* W, int64_t ld, int64_t cols, const acc_t* v, acc_t* u,
-                         acc_t* vp, int64_t r0, int64_t r1, acc_t* buf) {
+                         acc_t* vp, int64_t r0, int64_t r1, acc_t* buf, acc_t s1, acc_t s2) {
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {  // four rows at a time: one load of v and vp serves four rows
-      const acc_t* w0 = row(W, ld, r, cols, buf);
-      const acc_t* w1 = row(W, ld, r + 1, cols, buf + cols);
-      const acc_t* w2 = row(W, ld, r + 2, cols, buf + 2 * cols);
-      const acc_t* w3 = row(W, ld, r + 3, cols, buf + 3 * cols);
+      const acc_t* w0 = row<kScaled>(W, ld, r, cols, buf, s1, s2);
+      const acc_t* w1 = row<kScaled>(W, ld, r + 1, cols, buf + cols, s1, s2);
+      const acc_t* w2 = row<kScaled>(W, ld, r + 2, cols, buf + 2 * cols, s1, s2);
+      const acc_t* w3 = row<kScaled>(W, ld, r + 3, cols, buf + 3 * cols, s1, s2);
       acc_t d0 = 0, d1 = 0, d2 = 0, d3 = 0;
 #pragma omp simd reduction(+ : d0, d1, d2, d3)
       for (int64_t c = 0; c < cols; ++c) {
@@ -162,7 +210,7 @@ struct Kernel {
       }
     }
     for (; r < r1; ++r) {
-      const acc_t* w0 = row(W, ld, r, cols, buf);
+      const acc_t* w0 = row<kScaled>(W, ld, r, cols, buf, s1, s2);
       acc_t d0 = 0;
 #pragma omp simd reduction(+ : d0)
       for (int64_t c = 0; c < cols; ++c) d0 += w0[c] * v[c];
@@ -172,27 +220,149 @@ struct Kernel {
     }
   }
 
-  // From u = u_raw and vp = W^T u_raw: normalizes u, makes vp = W^T u, and returns sigma = ||vp||.
-  // v becomes vp / sigma unless sigma is 0 (zero matrix) or not finite (NaN/Inf weights), in
-  // which case v is kept.  Norms are summed in double (O(rows + cols) work).
-  static double finalize(acc_t* u, int64_t rows, acc_t* vp, acc_t* v, int64_t cols) {
+  // Band b of the fused pass: u[r] for its rows, and dst = its partial vp_raw.  Not inlined:
+  // every caller (whole layer or bands over threads) runs the same machine code.
+  __attribute__((noinline)) static void band_pass(const Layer& L, const acc_t* v, acc_t* u,
+                                                  acc_t* dst, int64_t b, Scratch<acc_t>& scratch) {
+    const scalar_t* W = static_cast<const scalar_t*>(L.W);
+    const int64_t r0 = L.rows * b / L.bands, r1 = L.rows * (b + 1) / L.bands, cols = L.cols;
+    std::fill(dst, dst + cols, acc_t(0));
+    if (L.scale_exp == 0) {
+      acc_t* buf = kConvert ? scratch.get(4 * cols) : nullptr;
+      fused_rows<false>(W, L.ldw, cols, v, u, dst, r0, r1, buf, acc_t(1), acc_t(1));
+    } else {
+      const int h = L.scale_exp / 2;
+      const acc_t s1 = std::ldexp(acc_t(1), h), s2 = std::ldexp(acc_t(1), L.scale_exp - h);
+      fused_rows<true>(W, L.ldw, cols, v, u, dst, r0, r1, scratch.get(4 * cols), s1, s2);
+    }
+  }
+
+  // vp = the bands' partials added in band order.
+  __attribute__((noinline)) static void reduce_bands(const acc_t* parts, int64_t ld, int64_t bands,
+                                                     acc_t* vp, int64_t cols) {
+    std::copy(parts, parts + cols, vp);
+    for (int64_t b = 1; b < bands; ++b) {
+      const acc_t* p = parts + b * ld;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) vp[c] += p[c];
+    }
+  }
+
+  // One fused pass over the whole layer: u = u_raw (of 2^scale_exp W) and vp = vp_raw, its bands
+  // on this thread (buf) or spread over the threads.
+  static void layer_pass(const Layer& L, acc_t* ws, acc_t* parts, bool parallel,
+                         Scratch<acc_t>& scratch) {
+    acc_t* v = ws + L.ws_offset;
+    acc_t* vp = v + L.cols;
+    acc_t* u = vp + L.cols;
+    if (L.bands == 1) {
+      band_pass(L, v, u, vp, 0, scratch);
+      return;
+    }
+    acc_t* P = parts + L.part_offset;
+    if (parallel) {
+      at::parallel_for(0, L.bands, 1, [&](int64_t b0, int64_t b1) {
+        Scratch<acc_t> local;
+        for (int64_t b = b0; b < b1; ++b) band_pass(L, v, u, P + b * L.part_ld, b, local);
+      });
+    } else {
+      for (int64_t b = 0; b < L.bands; ++b) band_pass(L, v, u, P + b * L.part_ld, b, scratch);
+    }
+    reduce_bands(P, L.part_ld, L.bands, vp, L.cols);
+  }
+
+  // The exponent k that brings max |W| into [0.5, 1) (0 for a zero or non-finite W).
+  static int scale_exponent(const Layer& L, Scratch<acc_t>& scratch) {
+    const scalar_t* W = static_cast<const scalar_t*>(L.W);
+    acc_t m = 0;
+    bool finite = true;
+    acc_t* buf = scratch.get(L.cols);
+    for (int64_t r = 0; r < L.rows; ++r) {
+      const acc_t* w = row<false>(W, L.ldw, r, L.cols, buf, acc_t(1), acc_t(1));
+      for (int64_t c = 0; c < L.cols; ++c) {
+        finite &= std::isfinite(w[c]);
+        m = std::max(m, std::abs(w[c]));
+      }
+    }
+    if (!finite || m == 0) return 0;
+    int e = 0;
+    std::frexp(m, &e);
+    return -e;
+  }
+
+  // From u = u_raw and vp = vp_raw = W^T u_raw (of 2^scale_exp W): u = u_raw / ||u_raw||,
+  // vp = W^T u, sigma = ||vp||, v = vp / sigma unless sigma is 0 (zero matrix) or not finite
+  // (NaN/Inf weights: v is kept).  With `check`, returns false when ||u_raw|| or ||vp_raw|| is
+  // outside the safe range or not finite: then v and sigma are untouched, but u and vp may not
+  // be (the caller redoes the pass).  Norms in double.
+  static bool finalize(Layer& L, acc_t* u, acc_t* vp, acc_t* v, bool check) {
+    constexpr bool kDouble = std::is_same_v<acc_t, double>;
+    const double lo = kDouble ? 0x1p-400 : 0x1p-60, hi = kDouble ? 0x1p400 : 0x1p60;
+    const double inv_ok = kDouble ? 0x1p-1000 : 0x1p-120;   // 1 / nrm representable in acc_t
+    const int64_t rows = L.rows, cols = L.cols;
     double s = 0;
     for (int64_t r = 0; r < rows; ++r) s += static_cast<double>(u[r]) * u[r];
-    const acc_t nrm = static_cast<acc_t>(std::sqrt(s));
-    // `nrm == 0`, not `nrm > 0`: a NaN norm must propagate (as in reference.py)
-    const acc_t inv = nrm == acc_t(0) ? acc_t(0) : acc_t(1) / nrm;
-    for (int64_t r = 0; r < rows; ++r) u[r] *= inv;
+    const double nrm = std::sqrt(s);
+    if (check && !(nrm >= lo && nrm <= hi)) return false;   // NaN fails too
+    // u = u_raw / ||u_raw||, vp = vp_raw / ||u_raw|| (0 for a zero matrix; `nrm == 0`, not
+    // `nrm > 0`: NaN propagates).  Times the inverse where it is representable (always in range).
     double s2 = 0;
-    for (int64_t c = 0; c < cols; ++c) {
-      vp[c] *= inv;
-      s2 += static_cast<double>(vp[c]) * vp[c];
+    if (nrm == 0 || nrm >= inv_ok) {
+      const acc_t inv = nrm == 0 ? acc_t(0) : static_cast<acc_t>(1.0 / nrm);
+      for (int64_t r = 0; r < rows; ++r) u[r] *= inv;
+      for (int64_t c = 0; c < cols; ++c) {
+        vp[c] *= inv;
+        s2 += static_cast<double>(vp[c]) * vp[c];
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r) u[r] = static_cast<acc_t>(u[r] / nrm);
+      for (int64_t c = 0; c < cols; ++c) {
+        vp[c] = static_cast<acc_t>(vp[c] / nrm);
+        s2 += static_cast<double>(vp[c]) * vp[c];
+      }
     }
-    const double sigma = std::sqrt(s2);
-    if (sigma > 0 && std::isfinite(sigma)) {
-      const acc_t sg = static_cast<acc_t>(sigma);
-      for (int64_t c = 0; c < cols; ++c) v[c] = vp[c] / sg;
+    const double sigma_s = std::sqrt(s2);   // of 2^scale_exp W
+    // ||vp_raw|| = sigma_s * ||u_raw|| (an overflow of vp_raw shows as Inf here)
+    if (check && !(sigma_s * nrm >= lo && sigma_s * nrm <= hi)) return false;
+    const double sigma = std::ldexp(sigma_s, -L.scale_exp);
+    L.sigma = sigma;
+    const acc_t sigma_acc = static_cast<acc_t>(sigma);
+    if (sigma_acc > 0 && std::isfinite(sigma_acc) && sigma_s > 0 && std::isfinite(sigma_s)) {
+      if (check) {   // in range: as fast as before
+        const acc_t sg = static_cast<acc_t>(sigma_s);
+        for (int64_t c = 0; c < cols; ++c) v[c] = vp[c] / sg;
+      } else {
+        for (int64_t c = 0; c < cols; ++c) v[c] = static_cast<acc_t>(vp[c] / sigma_s);
+      }
+      L.updated = true;
     }
-    return sigma;
+    if (L.scale_exp != 0) {   // v' of W itself, for the gradient
+      for (int64_t c = 0; c < cols; ++c) vp[c] = std::ldexp(vp[c], -L.scale_exp);
+    }
+    return true;
+  }
+
+  // n_iter power iterations of one layer, each pass checked (see "Range") until the layer is
+  // known to need a scale (or not to).
+  static void iterate(Layer& L, acc_t* ws, acc_t* parts, int64_t n_iter, bool parallel,
+                      Scratch<acc_t>& scratch) {
+    acc_t* v = ws + L.ws_offset;
+    acc_t* vp = v + L.cols;
+    acc_t* u = vp + L.cols;
+    for (int64_t it = 0; it < n_iter; ++it) {
+      layer_pass(L, ws, parts, parallel, scratch);
+      if (L.scaled) {
+        finalize(L, u, vp, v, false);
+        continue;
+      }
+      if (finalize(L, u, vp, v, true)) continue;
+      // out of range: redo the pass on 2^k W (k = 0 for a zero or non-finite W, whose result
+      // is then taken as it is: sigma 0, or NaN propagated)
+      L.scaled = true;
+      L.scale_exp = scale_exponent(L, scratch);
+      layer_pass(L, ws, parts, parallel, scratch);
+      finalize(L, u, vp, v, false);
+    }
   }
 
   // G[r,:] += lam * u[r] * vp  (= lam * sigma * u v^T) for r in [r0, r1), one rounding per element.
@@ -225,61 +395,36 @@ struct Kernel {
   }
 
   // A small layer, entirely on the calling thread.
-  static void run_whole(Layer& L, acc_t* ws, int64_t n_iter, bool update, acc_t lam,
-                        acc_t* buf) {
-    const scalar_t* W = static_cast<const scalar_t*>(L.W);
-    const int64_t ld = L.ldw, rows = L.rows, cols = L.cols;
-    acc_t* v = ws + L.ws_offset;
-    acc_t* vp = v + cols;
-    acc_t* u = vp + cols;
-    for (int64_t it = 0; it < n_iter; ++it) {
-      std::fill(vp, vp + cols, acc_t(0));
-      fused_rows(W, ld, cols, v, u, vp, 0, rows, buf);
-      L.sigma = finalize(u, rows, vp, v, cols);
-    }
+  static void run_whole(Layer& L, acc_t* ws, acc_t* parts, int64_t n_iter, bool update,
+                        acc_t lam, Scratch<acc_t>& scratch) {
+    iterate(L, ws, parts, n_iter, /*parallel=*/false, scratch);
     if (update) {
-      grad_rows(static_cast<scalar_t*>(L.G), L.ldg, L.scg, cols, u, vp, lam, 0, rows);
+      const acc_t* vp = ws + L.ws_offset + L.cols;
+      grad_rows(static_cast<scalar_t*>(L.G), L.ldg, L.scg, L.cols, vp + L.cols, vp, lam, 0,
+                L.rows);
     }
   }
 
-  // A large layer: rows split over T threads, partial vp sums reduced in a fixed order.
-  static void run_split(Layer& L, acc_t* ws, int64_t n_iter, bool update, acc_t lam, int T) {
-    const scalar_t* W = static_cast<const scalar_t*>(L.W);
-    const int64_t ld = L.ldw, rows = L.rows, cols = L.cols;
-    acc_t* v = ws + L.ws_offset;
-    acc_t* vp = v + cols;
-    acc_t* u = vp + cols;
-    std::vector<acc_t> part(static_cast<size_t>(T) * cols);
-    std::vector<acc_t> bufs(kConvert ? static_cast<size_t>(T) * 4 * cols : 0);
-    for (int64_t it = 0; it < n_iter; ++it) {
-      at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
-        for (int64_t t = b; t < e; ++t) {
-          acc_t* p = part.data() + t * cols;
-          std::fill(p, p + cols, acc_t(0));
-          fused_rows(W, ld, cols, v, u, p, rows * t / T, rows * (t + 1) / T,
-                     kConvert ? bufs.data() + t * 4 * cols : nullptr);
-        }
-      });
-      for (int64_t c = 0; c < cols; ++c) {
-        acc_t s = 0;
-        for (int t = 0; t < T; ++t) s += part[t * cols + c];
-        vp[c] = s;
-      }
-      L.sigma = finalize(u, rows, vp, v, cols);
-    }
+  // A large layer: its bands spread over the threads.
+  static void run_split(Layer& L, acc_t* ws, acc_t* parts, int64_t n_iter, bool update,
+                        acc_t lam) {
+    Scratch<acc_t> scratch;
+    iterate(L, ws, parts, n_iter, /*parallel=*/true, scratch);
     if (update) {
       scalar_t* G = static_cast<scalar_t*>(L.G);
-      const int64_t ldg = L.ldg, scg = L.scg;
+      const acc_t* vp = ws + L.ws_offset + L.cols;
+      const acc_t* u = vp + L.cols;
+      const int64_t ldg = L.ldg, scg = L.scg, cols = L.cols;
       const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
-      at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, L.rows, grain, [&](int64_t r0, int64_t r1) {
         grad_rows(G, ldg, scg, cols, u, vp, lam, r0, r1);
       });
     }
   }
 
   // All layers of one weight dtype; ws is the group's workspace with each v already loaded.
-  static void run_group(std::vector<Layer*>& layers, acc_t* ws, int64_t n_iter, bool update,
-                        double lam) {
+  static void run_group(std::vector<Layer*>& layers, acc_t* ws, acc_t* parts, int64_t n_iter,
+                        bool update, double lam) {
     const int T = std::max(1, at::get_num_threads());
     const acc_t lam_acc = static_cast<acc_t>(lam);
     double total = 0;
@@ -287,7 +432,7 @@ struct Kernel {
     std::vector<Layer*> large, small;
     for (Layer* L : layers) {
       const double cost = static_cast<double>(L->rows) * L->cols;
-      (T > 1 && cost > total / (2.0 * T) ? large : small).push_back(L);
+      (T > 1 && L->bands > 1 && cost > total / (2.0 * T) ? large : small).push_back(L);
     }
     // small layers: longest-processing-time-first into T bins
     std::sort(small.begin(), small.end(), [](const Layer* a, const Layer* b) {
@@ -295,28 +440,26 @@ struct Kernel {
     });
     std::vector<std::vector<Layer*>> bins(T);
     std::vector<double> load(T, 0.0);
-    int64_t max_cols = 0;
     for (Layer* L : small) {
       const int t = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
       bins[t].push_back(L);
       load[t] += static_cast<double>(L->rows) * L->cols;
-      max_cols = std::max(max_cols, L->cols);
     }
     if (!small.empty()) {
       at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
-        std::vector<acc_t> buf(kConvert ? 4 * max_cols : 0);
+        Scratch<acc_t> scratch;
         for (int64_t t = b; t < e; ++t) {
           const auto& bin = bins[t];
           for (size_t k = 0; k < bin.size(); ++k) {
             // small layers are separate allocations: start fetching the next one now, so its
             // first lines do not each pay the full memory latency
             if (k + 1 < bin.size()) prefetch_layer(*bin[k + 1], update);
-            run_whole(*bin[k], ws, n_iter, update, lam_acc, buf.data());
+            run_whole(*bin[k], ws, parts, n_iter, update, lam_acc, scratch);
           }
         }
       });
     }
-    for (Layer* L : large) run_split(*L, ws, n_iter, update, lam_acc, T);
+    for (Layer* L : large) run_split(*L, ws, parts, n_iter, update, lam_acc);
   }
 };
 
@@ -395,26 +538,37 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
 
   for (auto& kv : groups) {
     const at::ScalarType acc = acc_type(kv.first);
-    int64_t size = 0;
+    int64_t size = 0, part_size = 0;
     for (Layer* l : kv.second) {
       l->ws_offset = size;
       size += 2 * l->cols + l->rows;
+      l->bands = band_count(l->rows, l->cols);
+      if (l->bands > 1) {   // 64-byte aligned rows of partial sums (at::empty is 64-byte aligned)
+        l->part_ld = (l->cols + 15) / 16 * 16;
+        l->part_offset = part_size;
+        part_size += l->bands * l->part_ld;
+      }
     }
     at::Tensor ws = at::empty({size}, weights[0].options().dtype(acc));
+    at::Tensor parts = at::empty({part_size}, weights[0].options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv.first, "spectral_ext_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       acc_t* w = ws.mutable_data_ptr<acc_t>();
       for (Layer* l : kv.second) load_vector(vs[l->index], w + l->ws_offset);
-      Kernel<scalar_t>::run_group(kv.second, w, n_iter, grads != nullptr, lam);
-      if (outputs == nullptr) {
-        for (Layer* l : kv.second) store_vector(w + l->ws_offset, vs[l->index]);
+      Kernel<scalar_t>::run_group(kv.second, w, parts.mutable_data_ptr<acc_t>(), n_iter,
+                                  grads != nullptr, lam);
+      if (outputs == nullptr) {   // a v that no iteration updated is left exactly as it was
+        for (Layer* l : kv.second) {
+          if (l->updated) store_vector(w + l->ws_offset, vs[l->index]);
+        }
       }
     });
     for (Layer* l : kv.second) {
       if (outputs != nullptr) {
         outputs->first[l->index] = ws.narrow(0, l->ws_offset + 2 * l->cols, l->rows).clone();
         outputs->second[l->index] =
-            ws.narrow(0, l->ws_offset, l->cols).to(vs[l->index].scalar_type(), false, true);
+            l->updated ? ws.narrow(0, l->ws_offset, l->cols).to(vs[l->index].scalar_type(), false, true)
+                       : vs[l->index].clone();
       }
       if (l->G_out.defined()) l->G_out.copy_(l->G_hold.view(l->G_out.sizes()));
     }

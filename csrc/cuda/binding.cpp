@@ -1,10 +1,17 @@
 // The torch side of the CUDA backend: registers spectral_ext::fused_step for CUDA tensors.
 //
-// Per call: the same input checks as the CPU kernel (csrc/spectral_ext.h), layers grouped by
-// weight dtype, and per group a cached device table (layer descriptors, tiles, counters; see
-// fused_step_cuda.h), a workspace from torch's caching allocator, and 2 * n_iter + 1 launches on
-// torch's current stream (fused_step.cu).  No host synchronisation; a step whose table is cached
-// copies nothing to the device and can be captured in a CUDA graph.
+// Per call: the same input checks as the CPU kernel (csrc/spectral_ext.h), the tensors' device
+// made current (torch's and this library's runtime, restored on return), layers grouped by
+// weight dtype, and per group a cached device table (layer descriptors and tiles; see
+// fused_step_cuda.h), a workspace from torch's caching allocator (partial sums, counters, flags),
+// and a memset plus 2 * n_iter + 1 launches on torch's current stream (fused_step.cu).  No host
+// synchronisation; a step whose table is cached copies nothing to the device and can be
+// captured in a CUDA graph.
+//
+// Table lifetime.  A captured graph holds raw pointers into a table, so a table used during a
+// capture is pinned: it stays cached (never evicted, not dropped by clear_plans) until every
+// graph that uses it is destroyed (a CUDA user object owned by the graph unpins it).  Other
+// tables are evicted least-recently-used beyond kMaxPlans.
 //
 // The kernels are compiled by nvcc into plain objects without torch headers and linked with a
 // static CUDA runtime (../shared/TOOLCHAIN.md: the CPU torch used for building has no CUDA
@@ -18,13 +25,15 @@
 #include <ATen/TensorUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstring>
-#include <deque>
+#include <list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -122,17 +131,24 @@ LayerDesc describe(const at::Tensor& w, const at::Tensor& g, const at::Tensor& v
 }
 
 // Everything of one dtype group that depends only on pointers, shapes and strides: the device
-// table [layers | tiles | counters] and the workspace sizes.
+// table [layers | tiles] and the workspace sizes.
 struct Plan {
   at::Tensor host;    // pinned copy of the table (the source of the upload; kept alive)
   at::Tensor table;   // on the device
   cudaStream_t stream = nullptr;  // the upload's stream, and an event recorded after it
   void* uploaded = nullptr;
+  std::atomic<int64_t> graph_refs{0};   // captured graphs using the table: pinned while > 0
   ~Plan() { destroy_event(uploaded); }
   int64_t n_layers = 0, n_tiles = 0, total_rb = 0, total_cb = 0;
   int64_t n_pu = 0, n_u = 0, n_pv = 0, n_v = 0;
-  int64_t tiles_at = 0, counters_at = 0;
+  int64_t tiles_at = 0;
 };
+
+// Called by a CUDA-internal thread when the last graph using the plan is destroyed: no CUDA
+// call, no free (the cache frees the plan later, on a caller's thread).
+void release_plan_from_graph(void* plan) {
+  static_cast<Plan*>(plan)->graph_refs.fetch_sub(1, std::memory_order_acq_rel);
+}
 
 int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -174,10 +190,8 @@ std::shared_ptr<Plan> build_plan(std::vector<LayerDesc>& descs, const at::Device
   }
   const int64_t layer_bytes = round16(p->n_layers * int64_t{sizeof(LayerDesc)});
   const int64_t tile_bytes = round16(p->n_tiles * int64_t{sizeof(Tile)});
-  const int64_t counter_bytes = (p->total_rb + p->total_cb + 2 * p->n_layers) * 4;
   p->tiles_at = layer_bytes;
-  p->counters_at = layer_bytes + tile_bytes;
-  const int64_t bytes = p->counters_at + counter_bytes;
+  const int64_t bytes = layer_bytes + tile_bytes;
 #ifdef SPECTRAL_EXT_EMULATE
   (void)device;
   p->host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
@@ -185,7 +199,7 @@ std::shared_ptr<Plan> build_plan(std::vector<LayerDesc>& descs, const at::Device
   p->host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
 #endif
   auto* h = p->host.mutable_data_ptr<uint8_t>();
-  std::memset(h, 0, bytes);   // counters start at zero
+  std::memset(h, 0, bytes);
   std::memcpy(h, descs.data(), descs.size() * sizeof(LayerDesc));
   std::memcpy(h + p->tiles_at, tiles.data(), tiles.size() * sizeof(Tile));
 #ifdef SPECTRAL_EXT_EMULATE
@@ -203,38 +217,59 @@ std::shared_ptr<Plan> build_plan(std::vector<LayerDesc>& descs, const at::Device
 
 // Plans keyed by (device, dtype, the descriptors' bytes before offsets are filled in): a hit
 // means the same pointers, shapes, strides and flags, so the cached table is exactly right.
+// Least recently used first out, never a pinned plan (one a captured graph may still replay).
 class PlanCache {
  public:
   std::shared_ptr<Plan> get(const std::string& key) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = plans_.find(key);
-    return it == plans_.end() ? nullptr : it->second;
+    if (it == plans_.end()) return nullptr;
+    order_.splice(order_.begin(), order_, it->second.second);   // most recently used
+    return it->second.first;
   }
   void put(const std::string& key, std::shared_ptr<Plan> plan) {
     std::lock_guard<std::mutex> lock(mu_);
     if (plans_.count(key)) return;
-    if (order_.size() >= kMaxPlans) {
-      plans_.erase(order_.front());
-      order_.pop_front();
+    for (auto it = order_.end(); plans_.size() >= kMaxPlans && it != order_.begin();) {
+      --it;   // from the least recently used, skipping pinned plans
+      auto found = plans_.find(*it);
+      if (found->second.first->graph_refs.load(std::memory_order_acquire) > 0) continue;
+      plans_.erase(found);
+      it = order_.erase(it);
     }
-    order_.push_back(key);
-    plans_.emplace(key, std::move(plan));
+    order_.push_front(key);
+    plans_.emplace(key, std::make_pair(std::move(plan), order_.begin()));
   }
+  // Drops every plan that no captured graph uses.
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
-    plans_.clear();
-    order_.clear();
+    for (auto it = order_.begin(); it != order_.end();) {
+      auto found = plans_.find(*it);
+      if (found->second.first->graph_refs.load(std::memory_order_acquire) > 0) {
+        ++it;
+        continue;
+      }
+      plans_.erase(found);
+      it = order_.erase(it);
+    }
   }
   int64_t size() {
     std::lock_guard<std::mutex> lock(mu_);
     return static_cast<int64_t>(plans_.size());
   }
+  int64_t pinned() {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t n = 0;
+    for (const auto& kv : plans_) n += kv.second.first->graph_refs.load() > 0;
+    return n;
+  }
 
  private:
   static constexpr size_t kMaxPlans = 16;
   std::mutex mu_;
-  std::unordered_map<std::string, std::shared_ptr<Plan>> plans_;
-  std::deque<std::string> order_;
+  std::list<std::string> order_;   // most recently used first
+  std::unordered_map<std::string,
+                     std::pair<std::shared_ptr<Plan>, std::list<std::string>::iterator>> plans_;
 };
 
 PlanCache& plan_cache() {
@@ -269,14 +304,15 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
   std::string key(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(LayerDesc));
   key += '/' + std::to_string(device.index()) + '/' + std::to_string(static_cast<int>(dt));
   std::shared_ptr<Plan> plan = plan_cache().get(key);
+  const bool capturing = stream_is_capturing(stream);
   if (!plan) {
-    TORCH_CHECK(!stream_is_capturing(stream),
+    TORCH_CHECK(!capturing,
                 "spectral_ext.fused_step (CUDA): these tensors have no cached layer table yet, "
                 "and uploading one is not allowed while the stream is captured into a CUDA "
                 "graph; run one step with the same tensors before capturing (warm-up)");
     plan = build_plan(descs, device, stream);
     plan_cache().put(key, plan);
-  } else if (plan->stream != stream && !stream_is_capturing(stream)) {
+  } else if (plan->stream != stream && !capturing) {
     // a table uploaded on another stream: order this stream after the upload (no host sync).
     // Under capture the caller has already made the capturing stream wait for the warm-up.
     const cudaError_t e = wait_event(stream, plan->uploaded);
@@ -284,6 +320,17 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
                 cudaGetErrorString(e));
     // and the caching allocator must not reuse the table (if evicted) before this stream is done
     if (torch_stream) plan->table.record_stream(*torch_stream);
+  }
+  if (capturing) {
+    // the graph being captured will replay with this table's pointers: pin it until the graph
+    // (and every executable graph made from it) is destroyed.  Should the runtime refuse the
+    // user object, the table stays pinned for the life of the process instead.
+    plan->graph_refs.fetch_add(1, std::memory_order_acq_rel);
+    if (retain_for_graph(stream, plan.get(), &release_plan_from_graph) != cudaSuccess) {
+#ifndef SPECTRAL_EXT_EMULATE
+      cudaGetLastError();
+#endif
+    }
   }
 
   const int64_t acc = acc_size(dt);
@@ -293,14 +340,18 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
     at += round16(bytes);
     return start;
   };
+  const int64_t ss = sizeof(SquareSum);
   const int64_t o_pu = carve(plan->n_pu * acc), o_u = carve(plan->n_u * acc),
-                o_inv = carve(plan->n_layers * acc), o_pv = carve(plan->n_pv * acc),
-                o_vp = carve(plan->n_v * acc), o_pu2 = carve(plan->total_rb * 8),
-                o_pv2 = carve(plan->total_cb * 8);
+                o_nrm = carve(plan->n_layers * 8), o_pv = carve(plan->n_pv * acc),
+                o_vp = carve(plan->n_v * acc), o_vc = carve(plan->n_v * acc),
+                o_pu2 = carve(plan->total_rb * ss), o_pv2 = carve(plan->total_cb * ss);
+  // zeroed by the launcher at the start of every step: the counters, then the flags
+  const int64_t n_counters = plan->total_rb + plan->total_cb + 2 * plan->n_layers;
+  const int64_t o_zero = carve(n_counters * 4 + plan->n_layers * 4);
   at::Tensor ws = at::empty({at}, at::TensorOptions().dtype(at::kByte).device(device));
   uint8_t* w = ws.mutable_data_ptr<uint8_t>();
   uint8_t* table = plan->table.mutable_data_ptr<uint8_t>();
-  auto* counters = reinterpret_cast<unsigned int*>(table + plan->counters_at);
+  auto* counters = reinterpret_cast<unsigned int*>(w + o_zero);
 
   StepArgs a;
   a.layers = reinterpret_cast<const LayerDesc*>(table);
@@ -311,19 +362,44 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
   a.cnt_cb = counters + plan->total_rb;
   a.cnt_layer_a = a.cnt_cb + plan->total_cb;
   a.cnt_layer_b = a.cnt_layer_a + plan->n_layers;
+  a.updated = reinterpret_cast<int32_t*>(counters + n_counters);
+  a.zero_begin = w + o_zero;
+  a.zero_bytes = (n_counters + plan->n_layers) * 4;
   a.Pu = w + o_pu;
   a.u_raw = w + o_u;
-  a.inv_u = w + o_inv;
+  a.unrm = reinterpret_cast<double*>(w + o_nrm);
   a.Pv = w + o_pv;
   a.vp = w + o_vp;
-  a.pu2 = reinterpret_cast<double*>(w + o_pu2);
-  a.pv2 = reinterpret_cast<double*>(w + o_pv2);
+  a.vcur = w + o_vc;
+  a.pu2 = reinterpret_cast<SquareSum*>(w + o_pu2);
+  a.pv2 = reinterpret_cast<SquareSum*>(w + o_pv2);
   a.sigma = sigma.mutable_data_ptr();
   a.sigma_double = sigma.scalar_type() == at::kDouble;
   a.dtype = dt;
   a.lam = lam;
-  check_launch(launch_fused_step(a, static_cast<int>(n_iter), device.index(), stream));
+  check_launch(launch_fused_step(a, static_cast<int>(n_iter), stream));
 }
+
+// This library's CUDA runtime has its own current device: `device` is made current for the
+// call (the table upload's event, the memsets and the launches) and the previous one restored.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    const cudaError_t e = exchange_device(device, &previous_);
+    TORCH_CHECK(e == cudaSuccess, "spectral_ext: cannot make CUDA device ", device,
+                " current: ", cudaGetErrorString(e));
+  }
+  ~DeviceScope() { set_device(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+#ifdef SPECTRAL_EXT_EMULATE
+int g_emulated_device = 0;   // the device index the emulation treats its CPU tensors as on
+#endif
 
 // spectral_ext::fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam,
 //                          int n_iter) -> Tensor
@@ -337,9 +413,14 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
   const std::optional<c10::Stream> torch_stream;
   cudaStream_t stream = nullptr;
+  DeviceScope runtime_device(g_emulated_device);
 #else
   TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::fused_step got tensors "
                     "on ", device);
+  // the tensors' device, current in torch (allocations, copies) and in this library's runtime
+  // (events, memsets, launches), both restored on return
+  const c10::DeviceGuard torch_device(device);
+  DeviceScope runtime_device(device.index());
   const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
   const std::optional<c10::Stream> torch_stream = guard->getStream(device);
   auto stream = static_cast<cudaStream_t>(torch_stream->native_handle());
@@ -364,8 +445,10 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
 
 }  // namespace
 
-// For tests and diagnostics (spectral_ext._C): the number of cached layer tables, and clearing.
+// For tests and diagnostics (spectral_ext._C): the number of cached layer tables (and of those
+// pinned by captured graphs), and dropping the unpinned ones.
 int64_t cached_plans() { return plan_cache().size(); }
+int64_t pinned_plans() { return plan_cache().pinned(); }
 void clear_plans() { plan_cache().clear(); }
 
 }  // namespace cuda
@@ -375,9 +458,22 @@ TORCH_LIBRARY(spectral_ext_emu, m) {
   m.def("fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, "
         "int n_iter) -> Tensor");
   m.def("cached_plans() -> int", [] { return cuda::cached_plans(); });
+  m.def("pinned_plans() -> int", [] { return cuda::pinned_plans(); });
   m.def("clear_plans() -> ()", [] { cuda::clear_plans(); });
   m.def("launches() -> int", [] { return cuda::emulated_launches(); });
   m.def("skip_kernels(bool skip) -> ()", [](bool skip) { cuda::emulate_skip_kernels(skip); });
+  m.def("block_order(int seed) -> ()",
+        [](int64_t seed) { cuda::emulate_block_order(static_cast<uint64_t>(seed)); });
+  m.def("last_order_hash() -> int",
+        [] { return static_cast<int64_t>(cuda::emulated_last_order_hash() >> 1); });
+  m.def("fail_after(int n_blocks) -> ()", [](int64_t n) { cuda::emulate_fail_after(n); });
+  m.def("capture(bool on) -> ()", [](bool on) { cuda::emulate_capture(on); });
+  m.def("destroy_graphs() -> int", [] { return cuda::emulate_destroy_graphs(); });
+  m.def("tensor_device(int device) -> ()", [](int64_t d) {
+    cuda::g_emulated_device = static_cast<int>(d);
+    cuda::emulate_tensor_device(static_cast<int>(d));
+  });
+  m.def("runtime_device() -> int", [] { return static_cast<int64_t>(cuda::emulated_runtime_device()); });
 }
 TORCH_LIBRARY_IMPL(spectral_ext_emu, CPU, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
 #else

@@ -1,6 +1,9 @@
 // A CPU emulation of the few CUDA features fused_step.cu uses, for tests on machines without a
 // GPU: the same kernel source, compiled by g++ with SPECTRAL_EXT_EMULATE (csrc/cuda/emulated.cpp),
 // runs every block of a grid one after the other, each CUDA thread as a fiber (ucontext).
+// The blocks of a launch run in a random order drawn from a seed (emulate_block_order), so that a
+// result that depends on the order of the blocks (only the "last block" steps may see the others'
+// results) shows up as a difference between seeds.
 //
 // * __syncthreads waits until every live thread of the block arrives; __shfl_xor_sync until every
 //   live lane of the warp arrives (so a shuffle that not all lanes reach deadlocks, which is
@@ -20,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -168,6 +172,20 @@ inline Dim g_block_idx;
 inline cudaError_t g_error = cudaSuccess;
 inline int64_t g_launches = 0;  // kernel launches so far (tests count them per step)
 inline bool g_skip_kernels = false;  // count launches but run nothing (to time the host path)
+inline uint64_t g_order_seed = 0;    // 0: blocks in order; else a random order per launch
+inline uint64_t g_last_order_hash = 0;
+inline int64_t g_fail_after = -1;    // >= 0: the next launch fails after this many blocks
+// the runtime's current device, and the device of the (CPU) tensors as the binding sees them:
+// a launch, memset or event made while another device is current fails, as on a GPU
+inline int g_device = 0;
+inline int g_tensor_device = 0;
+
+inline uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
 
 inline Dim thread_idx() { return Dim{static_cast<unsigned int>(block().tid()), 0, 0}; }
 
@@ -175,8 +193,29 @@ inline Dim thread_idx() { return Dim{static_cast<unsigned int>(block().tid()), 0
 inline void launch(unsigned int grid, int threads, const std::function<void()>& body) {
   ++g_launches;
   if (g_skip_kernels) return;
-  for (unsigned int b = 0; b < grid && g_error == cudaSuccess; ++b) {
+  if (g_device != g_tensor_device) {
+    g_error = cudaErrorInvalidResourceHandle;   // a stream of another device
+    return;
+  }
+  std::vector<unsigned int> order(grid);
+  std::iota(order.begin(), order.end(), 0u);
+  if (g_order_seed != 0) {   // Fisher-Yates, a fresh order per launch
+    uint64_t state = g_order_seed ^ (static_cast<uint64_t>(g_launches) * 0xD1B54A32D192ED03ull);
+    for (unsigned int i = grid; i > 1; --i) std::swap(order[i - 1], order[splitmix64(state) % i]);
+  }
+  uint64_t hash = 1469598103934665603ull;   // FNV-1a of the order, for tests
+  for (unsigned int b : order) hash = (hash ^ b) * 1099511628211ull;
+  g_last_order_hash = hash;
+  int64_t ran = 0;
+  for (unsigned int b : order) {
+    if (g_error != cudaSuccess) break;
+    if (g_fail_after >= 0 && ran == g_fail_after) {
+      g_fail_after = -1;
+      g_error = cudaErrorLaunchFailure;
+      break;
+    }
     g_block_idx.x = b;
+    ++ran;
     if (!block().run(threads, body)) {
       std::fprintf(stderr, "spectral_ext CUDA emulation: deadlock in block %u\n", b);
       g_error = cudaErrorLaunchFailure;
@@ -193,7 +232,9 @@ inline cudaError_t last_error() {
 }  // namespace emu
 
 // the device built-ins fused_step.cu uses
+using std::frexp;
 using std::isfinite;
+using std::ldexp;
 using std::min;
 using std::sqrt;
 inline void __syncthreads() { emu::block().wait(0); }

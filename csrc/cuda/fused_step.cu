@@ -12,19 +12,23 @@
 //   rows_kernel    Pu[cb][r] = W[r, strip cb] . v[strip cb]        (warps along rows)
 //                  the last tile of a row block to finish (atomic counter) sums Pu over the
 //                  strips in a fixed order into u_raw and ||u_raw||^2 of the block; the last row
-//                  block of a layer sums those into inv_u = 1 / ||u_raw||.
-//   cols_kernel    Pv[rb][c] = sum over the tile's rows of W[r, c] u[r], u = u_raw * inv_u
+//                  block of a layer sums those into ||u_raw||.
+//   cols_kernel    Pv[rb][c] = sum over the tile's rows of W[r, c] u[r], u = u_raw / ||u_raw||
 //                  (threads along columns); the last tile of a column strip sums Pv over the row
 //                  blocks into v' and ||v'||^2 of the strip; the last strip of a layer forms
-//                  sigma and writes v = v' / sigma.
+//                  sigma and v = v' / sigma: into the caller's v after the last iteration, into
+//                  the workspace (acc precision) before the others.
 //   grad_kernel    G[r, c] += lam * u[r] * v'[c]   (only after the last iteration)
-// n_iter = 1 is three launches; each further iteration adds two.  Every sum is taken in a fixed
-// order (the "last block" only decides which block does it), so results are deterministic and
-// a CUDA-graph replay equals the eager run.  Counters are left at zero by the block that
-// finishes them.  Arithmetic is in float32 (float64 for float64 weights); squared norms are
-// summed in float64; gradients are rounded to their dtype once.  u is normalized before W^T u,
-// so there is no sigma^2 range limit.  16-byte vector loads where the layer's pointer, row
-// stride and width allow (flags computed by the host).
+// A step is a memset (counters and flags, per call) and 2 * n_iter + 1 kernels.  Every sum is
+// taken in a fixed order (the "last block" only decides which block does it), so results do not
+// depend on the order in which blocks run (the CPU emulation runs them in a random order), and a
+// CUDA-graph replay equals the eager run.  Arithmetic is in float32 (float64 for float64
+// weights); gradients are rounded to their dtype once.  Numerics over the whole range: squared
+// norms are summed in float64, with an exponent kept aside for float64 values (SquareSum); u is
+// u_raw divided by its norm in float64 (never times 1/||u_raw||, which overflows float32 below
+// 3e-39), and normalized before W^T u, so there is no sigma^2 range limit; v = v' / sigma in
+// float64.  16-byte vector loads where the layer's pointer, row stride and width allow (flags
+// computed by the host).
 //
 // The grid visits tiles forward in one W pass and backward in the next, so the second pass
 // starts on the tiles the first one read last (still in L2).
@@ -38,6 +42,9 @@
 #endif
 
 #include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
 
 #include "fused_step_cuda.h"
 
@@ -124,18 +131,91 @@ __device__ __forceinline__ int pow2_ceil(int n) {
   return p;
 }
 
-// Sum over the block in a fixed order (deterministic); the result is valid in thread 0.
-__device__ __forceinline__ double block_sum(double x, double* red /* [kThreads / 32] */) {
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+// Running sums of squares.  float32 values: a double sum (their squares cannot leave the double
+// range).  float64 values: s * 2^(2e) with every term scaled by 2^-e, e the largest exponent so
+// far (powers of two: exact), so 1e-170 or 1e160 square without under- or overflow.  NaN and Inf
+// go into s and propagate.  combine() is commutative bit for bit, so a butterfly of shuffles
+// gives every lane the same value.
+template <typename acc_t> struct SqSum;
+
+template <> struct SqSum<float> {
+  double s = 0.0;
+  __device__ __forceinline__ void add(float x) { s += static_cast<double>(x) * x; }
+  __device__ __forceinline__ void add(const SquareSum& p) { s += p.s; }
+  __device__ __forceinline__ void combine(const SqSum& o) { s += o.s; }
+  __device__ __forceinline__ SqSum shfl_xor(int off) const {
+    SqSum r;
+    r.s = __shfl_xor_sync(0xffffffffu, s, off);
+    return r;
+  }
+  __device__ __forceinline__ SquareSum pack() const { return SquareSum{s, 0, 0}; }
+  __device__ __forceinline__ double norm() const { return sqrt(s); }
+};
+
+constexpr int kNoExponent = -8192;   // the exponent of an empty sum
+
+template <> struct SqSum<double> {
+  double s = 0.0;
+  int e = kNoExponent;
+  __device__ __forceinline__ void rescale_to(int e_new) {
+    s = ldexp(s, 2 * (e - e_new));
+    e = e_new;
+  }
+  __device__ __forceinline__ void add(double x) {
+    if (!isfinite(x)) {
+      s += x * x;       // NaN / Inf propagate
+      return;
+    }
+    if (x == 0.0) return;
+    int ex;
+    frexp(x, &ex);
+    if (ex > e) rescale_to(ex);
+    const double y = ldexp(x, -e);
+    s += y * y;
+  }
+  __device__ __forceinline__ void combine_raw(double os, int oe) {
+    const int e_new = e > oe ? e : oe;
+    s = ldexp(s, 2 * (e - e_new)) + ldexp(os, 2 * (oe - e_new));
+    e = e_new;
+  }
+  __device__ __forceinline__ void add(const SquareSum& p) { combine_raw(p.s, p.e); }
+  __device__ __forceinline__ void combine(const SqSum& o) { combine_raw(o.s, o.e); }
+  __device__ __forceinline__ SqSum shfl_xor(int off) const {
+    SqSum r;
+    r.s = __shfl_xor_sync(0xffffffffu, s, off);
+    r.e = __shfl_xor_sync(0xffffffffu, e, off);
+    return r;
+  }
+  __device__ __forceinline__ SquareSum pack() const { return SquareSum{s, e, 0}; }
+  __device__ __forceinline__ double norm() const { return ldexp(sqrt(s), e); }
+};
+
+// Another block's partial sum, read through L2 (see arrive_last).
+__device__ __forceinline__ SquareSum load_cg(const SquareSum* p) {
+  return SquareSum{__ldcg(&p->s), __ldcg(&p->e), 0};
+}
+
+// Combines the threads' sums over the block in a fixed order; the result is valid in thread 0.
+template <typename acc_t>
+__device__ __forceinline__ SqSum<acc_t> block_sum(SqSum<acc_t> x,
+                                                  SquareSum* red /* [kThreads / 32] */) {
+  for (int off = 16; off > 0; off >>= 1) x.combine(x.shfl_xor(off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) red[warp] = x;
+  if (lane == 0) red[warp] = x.pack();
   __syncthreads();
-  double s = 0;
+  SqSum<acc_t> total;
   if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / 32; ++w) s += red[w];
+    for (int w = 0; w < kThreads / 32; ++w) total.add(red[w]);
   }
   __syncthreads();  // red may be reused
-  return s;
+  return total;
+}
+
+// x / d in float64, rounded once to acc_t (0 when d is 0: a zero matrix).  Never x * (1 / d):
+// for float32, 1 / d overflows when d < 3e-39.
+template <typename acc_t>
+__device__ __forceinline__ acc_t div_by(acc_t x, double d) {
+  return d == 0.0 ? acc_t(0) : static_cast<acc_t>(static_cast<double>(x) / d);
 }
 
 // The "last block" step: every thread has written its results; returns (in every thread)
@@ -231,13 +311,20 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse
   using acc_t = typename Acc<T>::type;
   constexpr int VEC = kVec<T>;
   __shared__ acc_t v_s[kMaxStripGroups * VEC];
-  __shared__ double red[kThreads / 32];
+  __shared__ SquareSum red[kThreads / 32];
   __shared__ bool flag;
 
   const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse);
   const LayerDesc& L = *layer;
 
-  for (int c = threadIdx.x; c < cn; c += kThreads) v_s[c] = load_v<acc_t>(L, c0 + c);
+  // v: the caller's, or the one an earlier iteration of this call left in the workspace (in the
+  // accumulation type: a float64 layer's v is not rounded to a float32 v between iterations)
+  if (a.updated[tile.layer]) {
+    const acc_t* vc = static_cast<const acc_t*>(a.vcur) + L.v_off + c0;
+    for (int c = threadIdx.x; c < cn; c += kThreads) v_s[c] = vc[c];
+  } else {
+    for (int c = threadIdx.x; c < cn; c += kThreads) v_s[c] = load_v<acc_t>(L, c0 + c);
+  }
   __syncthreads();
   acc_t* Pu = static_cast<acc_t*>(a.Pu) + L.pu_off + tile.cb * L.rows + r0;
   if (L.wvec) {
@@ -251,27 +338,22 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse
   if (!arrive_last(a.cnt_rb + rb_global, L.n_cb, &flag)) return;
   const acc_t* Pu_rows = static_cast<const acc_t*>(a.Pu) + L.pu_off + r0;
   acc_t* u_raw = static_cast<acc_t*>(a.u_raw) + L.u_off + r0;
-  double ss = 0;
+  SqSum<acc_t> ss;
   for (int r = threadIdx.x; r < rn; r += kThreads) {
     acc_t u = 0;
     for (int cb = 0; cb < L.n_cb; ++cb) u += __ldcg(Pu_rows + static_cast<int64_t>(cb) * L.rows + r);
     u_raw[r] = u;
-    ss += static_cast<double>(u) * static_cast<double>(u);
+    ss.add(u);
   }
   ss = block_sum(ss, red);
-  if (threadIdx.x == 0) a.pu2[rb_global] = ss;
+  if (threadIdx.x == 0) a.pu2[rb_global] = ss.pack();
 
-  // the layer's last row block: 1 / ||u_raw||
+  // the layer's last row block: ||u_raw|| (0 for a zero matrix, whose u is 0; NaN propagates)
   if (!arrive_last(a.cnt_layer_a + tile.layer, L.n_rb, &flag)) return;
-  double s = 0;
-  for (int b = threadIdx.x; b < L.n_rb; b += kThreads) s += __ldcg(a.pu2 + L.rb_base + b);
+  SqSum<acc_t> s;
+  for (int b = threadIdx.x; b < L.n_rb; b += kThreads) s.add(load_cg(a.pu2 + L.rb_base + b));
   s = block_sum(s, red);
-  if (threadIdx.x == 0) {
-    const double nrm = sqrt(s);
-    // a zero matrix gives u = 0 (not NaN); a NaN norm propagates (as in reference.py)
-    static_cast<acc_t*>(a.inv_u)[tile.layer] =
-        nrm == 0.0 ? acc_t(0) : static_cast<acc_t>(1.0 / nrm);
-  }
+  if (threadIdx.x == 0) a.unrm[tile.layer] = s.norm();
 }
 
 // ---- phase 2: v' = W^T u ---------------------------------------------------------------------
@@ -320,20 +402,20 @@ __device__ __forceinline__ void cols_tile(const LayerDesc& L, int64_t r0, int rn
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse) {
+__global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse, bool last) {
   using acc_t = typename Acc<T>::type;
   constexpr int VEC = kVec<T>;
   __shared__ acc_t u_s[kMaxTileRows];
   __shared__ acc_t red_s[kThreads * VEC];
-  __shared__ double red[kThreads / 32];
+  __shared__ SquareSum red[kThreads / 32];
   __shared__ bool flag;
 
   const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse);
   const LayerDesc& L = *layer;
 
-  const acc_t inv = static_cast<const acc_t*>(a.inv_u)[tile.layer];
+  const double nrm = a.unrm[tile.layer];
   const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
-  for (int r = threadIdx.x; r < rn; r += kThreads) u_s[r] = u_raw[r] * inv;
+  for (int r = threadIdx.x; r < rn; r += kThreads) u_s[r] = div_by(u_raw[r], nrm);
   __syncthreads();
   acc_t* Pv = static_cast<acc_t*>(a.Pv) + L.pv_off + tile.rb * L.cols + c0;
   if (L.wvec) {
@@ -347,24 +429,24 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
   if (!arrive_last(a.cnt_cb + cb_global, L.n_rb, &flag)) return;
   const acc_t* Pv_cols = static_cast<const acc_t*>(a.Pv) + L.pv_off + c0;
   acc_t* vp = static_cast<acc_t*>(a.vp) + L.v_off;
-  double ss = 0;
+  SqSum<acc_t> ss;
   for (int c = threadIdx.x; c < cn; c += kThreads) {
     acc_t x = 0;
     for (int rb = 0; rb < L.n_rb; ++rb) x += __ldcg(Pv_cols + static_cast<int64_t>(rb) * L.cols + c);
     vp[c0 + c] = x;
-    ss += static_cast<double>(x) * static_cast<double>(x);
+    ss.add(x);
   }
   ss = block_sum(ss, red);
-  if (threadIdx.x == 0) a.pv2[cb_global] = ss;
+  if (threadIdx.x == 0) a.pv2[cb_global] = ss.pack();
 
   // the layer's last strip: sigma = ||v'||, and v = v' / sigma
   if (!arrive_last(a.cnt_layer_b + tile.layer, L.n_cb, &flag)) return;
-  double s = 0;
-  for (int b = threadIdx.x; b < L.n_cb; b += kThreads) s += __ldcg(a.pv2 + L.cb_base + b);
+  SqSum<acc_t> s;
+  for (int b = threadIdx.x; b < L.n_cb; b += kThreads) s.add(load_cg(a.pv2 + L.cb_base + b));
   s = block_sum(s, red);
   __shared__ double sigma_s;
   if (threadIdx.x == 0) {
-    sigma_s = sqrt(s);
+    sigma_s = s.norm();
     if (a.sigma_double) {
       static_cast<double*>(a.sigma)[L.out] = sigma_s;
     } else {
@@ -373,10 +455,23 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
   }
   __syncthreads();
   const double sigma = sigma_s;
-  // v is kept when sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
+  // v = v' / sigma, kept when sigma is 0 (zero matrix) or not finite (NaN/Inf weights): between
+  // iterations in the workspace (`updated` tells the next rows_kernel), after the last one in
+  // the caller's v, which is written only if some iteration gave a new v (so a kept v stays
+  // exactly what it was, in its own dtype)
+  acc_t* vc = static_cast<acc_t*>(a.vcur) + L.v_off;
   if (sigma > 0.0 && isfinite(sigma)) {
-    const acc_t sg = static_cast<acc_t>(sigma);
-    for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) store_v<acc_t>(L, c, __ldcg(vp + c) / sg);
+    for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) {
+      const acc_t x = div_by(__ldcg(vp + c), sigma);
+      if (last) {
+        store_v<acc_t>(L, c, x);
+      } else {
+        vc[c] = x;
+      }
+    }
+    if (!last && threadIdx.x == 0) a.updated[tile.layer] = 1;
+  } else if (last && a.updated[tile.layer]) {
+    for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) store_v<acc_t>(L, c, __ldcg(vc + c));
   }
 }
 
@@ -417,10 +512,12 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
   const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, false);
   const LayerDesc& L = *layer;
 
-  const acc_t scale = static_cast<acc_t>(a.lam) * static_cast<const acc_t*>(a.inv_u)[tile.layer];
+  const double nrm = a.unrm[tile.layer];
   const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
   const acc_t* vp = static_cast<const acc_t*>(a.vp) + L.v_off + c0;
-  for (int r = threadIdx.x; r < rn; r += kThreads) a_s[r] = u_raw[r] * scale;
+  for (int r = threadIdx.x; r < rn; r += kThreads) {
+    a_s[r] = static_cast<acc_t>(a.lam * static_cast<double>(div_by(u_raw[r], nrm)));
+  }
   for (int c = threadIdx.x; c < cn; c += kThreads) vp_s[c] = vp[c];
   __syncthreads();
   if (L.gvec) {
@@ -430,15 +527,28 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
   }
 }
 
+#ifdef SPECTRAL_EXT_EMULATE
+cudaError_t zero_async(void* p, int64_t bytes, cudaStream_t) {
+  if (emu::g_device != emu::g_tensor_device) return cudaErrorInvalidResourceHandle;
+  std::memset(p, 0, static_cast<size_t>(bytes));
+  return cudaSuccess;
+}
+#else
+cudaError_t zero_async(void* p, int64_t bytes, cudaStream_t stream) {
+  return cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), stream);
+}
+#endif
+
 template <typename T>
 cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream) {
   const unsigned int grid = static_cast<unsigned int>(a.n_tiles);
+  if (cudaError_t e = zero_async(a.zero_begin, a.zero_bytes, stream); e != cudaSuccess) return e;
   bool reverse = false;  // alternate the direction of consecutive passes over W (L2 reuse)
   for (int it = 0; it < n_iter; ++it) {
     SPECTRAL_EXT_LAUNCH(rows_kernel<T>, grid, stream, a, reverse);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     reverse = !reverse;
-    SPECTRAL_EXT_LAUNCH(cols_kernel<T>, grid, stream, a, reverse);
+    SPECTRAL_EXT_LAUNCH(cols_kernel<T>, grid, stream, a, reverse, it == n_iter - 1);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     reverse = !reverse;
   }
@@ -448,14 +558,7 @@ cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cudaStream_t stream) {
-  // this library links its own (static) CUDA runtime, whose current device is separate from
-  // torch's: make the tensors' device current before launching on its stream
-#ifndef SPECTRAL_EXT_EMULATE
-  if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return e;
-#else
-  (void)device;
-#endif
+cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream) {
   switch (args.dtype) {
     case DType::kFloat32: return launch_all<float>(args, n_iter, stream);
     case DType::kFloat64: return launch_all<double>(args, n_iter, stream);
@@ -466,12 +569,45 @@ cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cuda
 }
 
 #ifdef SPECTRAL_EXT_EMULATE
+namespace {
+bool g_capturing = false;
+std::vector<std::pair<void*, void (*)(void*)>> g_graph_objects;   // owned by "graphs"
+}  // namespace
+
 int64_t emulated_launches() { return emu::g_launches; }
 void emulate_skip_kernels(bool skip) { emu::g_skip_kernels = skip; }
-bool stream_is_capturing(cudaStream_t) { return false; }
+void emulate_block_order(uint64_t seed) { emu::g_order_seed = seed; }
+uint64_t emulated_last_order_hash() { return emu::g_last_order_hash; }
+void emulate_fail_after(int64_t n_blocks) { emu::g_fail_after = n_blocks; }
+void emulate_capture(bool on) { g_capturing = on; }
+int64_t emulate_destroy_graphs() {
+  const int64_t n = static_cast<int64_t>(g_graph_objects.size());
+  for (auto& [object, release] : g_graph_objects) release(object);
+  g_graph_objects.clear();
+  return n;
+}
+void emulate_tensor_device(int device) { emu::g_tensor_device = device; }
+int emulated_runtime_device() { return emu::g_device; }
+
+cudaError_t exchange_device(int device, int* previous) {
+  *previous = emu::g_device;
+  emu::g_device = device;
+  return cudaSuccess;
+}
+cudaError_t set_device(int device) {
+  emu::g_device = device;
+  return cudaSuccess;
+}
+bool stream_is_capturing(cudaStream_t) { return g_capturing; }
+cudaError_t retain_for_graph(cudaStream_t, void* object, void (*release)(void*)) {
+  if (!g_capturing) return cudaErrorStreamCaptureImplicit;
+  g_graph_objects.emplace_back(object, release);
+  return cudaSuccess;
+}
 cudaError_t record_event(cudaStream_t, void** event) {
   *event = nullptr;
-  return cudaSuccess;
+  // an event created on one device and recorded on a stream of another fails on a GPU
+  return emu::g_device == emu::g_tensor_device ? cudaSuccess : cudaErrorInvalidResourceHandle;
 }
 cudaError_t wait_event(cudaStream_t, void*) { return cudaSuccess; }
 void destroy_event(void*) {}
@@ -479,6 +615,30 @@ void runtime_info(int* runtime_version, int* driver_version, int* device_count) 
   *runtime_version = *driver_version = *device_count = 0;
 }
 #else
+cudaError_t exchange_device(int device, int* previous) {
+  if (cudaError_t e = cudaGetDevice(previous); e != cudaSuccess) return e;
+  return *previous == device ? cudaSuccess : cudaSetDevice(device);
+}
+
+cudaError_t set_device(int device) { return cudaSetDevice(device); }
+
+cudaError_t retain_for_graph(cudaStream_t stream, void* object, void (*release)(void*)) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaGraph_t graph = nullptr;
+  if (cudaError_t e = cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph); e != cudaSuccess) {
+    return e;
+  }
+  if (status != cudaStreamCaptureStatusActive || graph == nullptr) return cudaErrorIllegalState;
+  cudaUserObject_t handle = nullptr;
+  if (cudaError_t e = cudaUserObjectCreate(&handle, object, release, 1,
+                                           cudaUserObjectNoDestructorSync);
+      e != cudaSuccess) {
+    return e;
+  }
+  // the graph takes our reference; executable graphs instantiated from it take their own
+  return cudaGraphRetainUserObject(graph, handle, 1, cudaGraphUserObjectMove);
+}
+
 bool stream_is_capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {

@@ -4,8 +4,8 @@
 // A call describes one weight-dtype group of layers:
 //   * a device table of LayerDesc (one per layer) and of Tile (one per thread block and phase),
 //     built by the host once and cached while pointers, shapes and strides stay the same;
-//   * counters (zeroed once at upload; every kernel leaves them at zero again);
-//   * a workspace for the partial sums, allocated per call (sizes in WorkspaceSizes).
+//   * a workspace allocated per call: partial sums, the counters of the "last block" steps and a
+//     flag per layer, the latter two zeroed by the first operation of every step.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -57,37 +57,64 @@ struct Tile {
   int32_t layer, rb, cb, pad_;
 };
 
+// A partial sum of squares: s * 2^(2e).  The exponent keeps sums of float64 squares in range
+// (1e-170^2 underflows a double; float32 squares always fit, and their e is 0).
+struct SquareSum {
+  double s;
+  int32_t e;
+  int32_t pad_;
+};
+
 // Pointers into the device table and the per-call workspace, by value to every kernel.
 struct StepArgs {
   const LayerDesc* layers;
   const Tile* tiles;
   int32_t n_layers, n_tiles;
-  // counters: one per row block, per column strip, and two per layer
+  // Per call, in the workspace, and zeroed by the launcher before the first kernel: the counters
+  // (one per row block, per column strip, and two per layer) and the per-layer flag "an earlier
+  // iteration of this call gave a new v" (`updated`).  Per call, not per cached table: two
+  // streams or graphs stepping the same tensors, or a step that failed half-way, cannot leave
+  // another step a counter that makes the wrong block "last".
   unsigned int* cnt_rb;
   unsigned int* cnt_cb;
   unsigned int* cnt_layer_a;
   unsigned int* cnt_layer_b;
+  int32_t* updated;
+  void* zero_begin;          // [zero_begin, zero_begin + zero_bytes): counters and flags
+  int64_t zero_bytes;
   // workspace (acc = float32, or float64 for float64 weights)
   void* Pu;        // acc [sum n_cb * rows]
   void* u_raw;     // acc [sum rows]
-  double* pu2;     // [total row blocks]   partial ||u_raw||^2
-  void* inv_u;     // acc [n_layers]        1 / ||u_raw|| (0 for a zero matrix)
+  SquareSum* pu2;  // [total row blocks]   partial ||u_raw||^2
+  double* unrm;    // [n_layers]            ||u_raw|| (u = u_raw / ||u_raw||, 0 for a zero matrix)
   void* Pv;        // acc [sum n_rb * cols]
   void* vp;        // acc [sum cols]        v' = W^T u
-  double* pv2;     // [total column strips] partial ||v'||^2
+  void* vcur;      // acc [sum cols]        v between the iterations of one call
+  SquareSum* pv2;  // [total column strips] partial ||v'||^2
   void* sigma;     // [caller's L]          float32, or float64 when sigma_double
   int32_t sigma_double;
   DType dtype;
   double lam;
 };
 
-// Launches n_iter x (rows, columns) then one gradient kernel on `stream`: 2 * n_iter + 1
-// launches.  `device` is made current in this library's (static) CUDA runtime first.  Returns
-// the first launch error (no synchronisation).
-cudaError_t launch_fused_step(const StepArgs& args, int n_iter, int device, cudaStream_t stream);
+// Zeroes the counters and flags, then launches n_iter x (rows, columns) and one gradient kernel
+// on `stream`: a memset and 2 * n_iter + 1 kernels.  The caller has made the tensors' device
+// current in this library's runtime (DeviceScope in binding.cpp).  Returns the first error (no
+// synchronisation).
+cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream);
+
+// This library's (static) CUDA runtime keeps its own current device, separate from torch's:
+// makes `device` current and returns the previous one in *previous (restore with set_device).
+cudaError_t exchange_device(int device, int* previous);
+cudaError_t set_device(int device);
 
 // Whether `stream` is being captured into a CUDA graph (false on error).
 bool stream_is_capturing(cudaStream_t stream);
+
+// Ties `object` to the lifetime of the graph being captured on `stream`: release(object) is
+// called (by a CUDA-internal thread; it must make no CUDA call) once that graph and every
+// executable graph instantiated from it are destroyed.
+cudaError_t retain_for_graph(cudaStream_t stream, void* object, void (*release)(void*));
 
 // An event recorded on `stream` after the table upload, so that another stream can wait for the
 // upload without a host synchronisation; destroyed with the table.
@@ -99,9 +126,23 @@ void destroy_event(void* event);
 void runtime_info(int* runtime_version, int* driver_version, int* device_count);
 
 #ifdef SPECTRAL_EXT_EMULATE
-// kernel launches of the CPU emulation so far (tests); with skip, launches run nothing
+// Test hooks of the CPU emulation (tests/cuda_emulation.py):
+// kernel launches so far; with skip, launches run nothing (to time the host path)
 int64_t emulated_launches();
 void emulate_skip_kernels(bool skip);
+// blocks of a launch run in a random order drawn from this seed (0: in order)
+void emulate_block_order(uint64_t seed);
+uint64_t emulated_last_order_hash();   // of the last launch's block order
+// the next launch runs only its first n blocks, then fails (a step that dies half-way)
+void emulate_fail_after(int64_t n_blocks);
+// stream capture: while on, stream_is_capturing is true and retain_for_graph keeps the object
+// until emulate_destroy_graphs(); the device the binding treats CPU tensors as on, and the
+// runtime's current device (a runtime call made with another device current fails, as an
+// event or stream of another device does on a GPU)
+void emulate_capture(bool on);
+int64_t emulate_destroy_graphs();
+void emulate_tensor_device(int device);
+int emulated_runtime_device();
 #endif
 
 }  // namespace cuda
