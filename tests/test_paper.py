@@ -120,6 +120,22 @@ def test_resume_continues_exactly_and_refuses_changed_settings(tmp_path, monkeyp
         paper.main(TINY + ["--out", str(tmp_path / "b"), "--resume", "--lr", "0.02"])
 
 
+def test_a_diverged_run_is_recorded_not_fatal(tmp_path):
+    """A learning rate that blows the weights up: the run finishes with NaN (null in
+    results.json) measurements, and every output is still written."""
+    pytest.importorskip("sklearn", reason="the digits data set needs scikit-learn")
+    res = paper.main(["--dataset", "digits", "--vgg-config", "8,M", "--methods", "vanilla",
+                      "--regimes", "small", "--epochs", "1", "--lr", "1e30",
+                      "--analysis-samples", "16", "--slope-samples", "8",
+                      "--curvature-iters", "2", "--threads", "1", "--no-progress",
+                      "--out", str(tmp_path)])
+    (run,) = res["runs"]
+    assert run["final"]["diverged"] and math.isnan(run["history"][0]["max_sigma"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"][0]["final"]["slope_mean"] is None
+    assert (tmp_path / "table1.md").exists()
+
+
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("flag, value, listed", [

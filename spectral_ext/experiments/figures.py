@@ -19,6 +19,11 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
+def _ok(v) -> bool:
+    """A finite number (NaN / None mark a diverged run's values)."""
+    return v is not None and v == v and abs(v) != float("inf")
+
+
 def _mean_curve(runs: Sequence[dict], key, sub: Optional[str] = None) -> Tuple[list, list]:
     """(epochs, mean over runs) of history[key] (or history[key][sub]) where present."""
     per_epoch: Dict[int, List[float]] = {}
@@ -117,9 +122,10 @@ def write_all(runs: Sequence[dict], out: str) -> Tuple[List[str], Optional[str]]
         for ax, g in zip(axes[0], names):
             layer = ""
             for m, rs in regimes[g].items():
-                sv = rs[0]["final"]["singular_values"]
+                sv = [v for v in rs[0]["final"]["singular_values"] if _ok(v)]
                 layer = f"{rs[0]['final']['spectrum_layer']} {tuple(rs[0]['final']['spectrum_shape'])}"
-                ax.plot(range(1, len(sv) + 1), sv, "-", color=colors[m], label=m)
+                ax.plot(range(1, len(sv) + 1), sv, "-", color=colors[m],
+                        label=m if sv else f"{m} (diverged)")
             ax.set(title=f"{g} batch: {layer}", xlabel="index", ylabel="singular value")
             ax.set_yscale("log")
             ax.legend(fontsize=7)
@@ -129,7 +135,8 @@ def write_all(runs: Sequence[dict], out: str) -> Tuple[List[str], Optional[str]]
         fig, axes = panel_grid(title="Slope σ_max(∂f/∂x) at test inputs")
         for ax, g in zip(axes[0], names):
             ms = list(regimes[g])
-            vals = [[v for r in regimes[g][m] for v in r["final"]["slope_values"]] for m in ms]
+            vals = [[v for r in regimes[g][m] for v in r["final"]["slope_values"] if _ok(v)]
+                    for m in ms]
             ax.boxplot(vals, showfliers=False)
             ax.set_xticks(range(1, len(ms) + 1), ms, rotation=30, fontsize=8)
             ax.set(title=f"{g} batch", ylabel="slope")

@@ -408,10 +408,19 @@ def largest_hessian_eigenvalue(model, x, y, args, seed: int) -> dict:
                 iterations=est.iterations)
 
 
+def _finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def weight_sigmas(model) -> List[float]:
-    """The exact spectral norm of every collected weight (matricized along dim 0)."""
-    return [torch.linalg.matrix_norm(w.detach().reshape(w.shape[0], -1).double(), ord=2).item()
-            for _, w in se.collect_weights(model)]
+    """The exact spectral norm of every collected weight (matricized along dim 0); NaN for a
+    weight with non-finite entries (a diverged run), which the SVD would refuse."""
+    out = []
+    for _, w in se.collect_weights(model):
+        m = w.detach().reshape(w.shape[0], -1).double()
+        out.append(torch.linalg.matrix_norm(m, ord=2).item() if torch.isfinite(m).all()
+                   else float("nan"))
+    return out
 
 
 # --------------------------------------------------------------------------- one run
@@ -508,8 +517,9 @@ def train_run(args, data: datasets.Dataset, subsets: dict, spec: dict, ckpt_dir:
                 group["lr"] = lr
             model.train()
             objective = torch.zeros((), device=device)
-            for idx in torch.randperm(n_train, generator=gen).split(batch):
-                idx = idx.to(device)
+            # one host-to-device copy per epoch (a copy per step from pageable memory would
+            # wait for the device)
+            for idx in torch.randperm(n_train, generator=gen).to(device).split(batch):
                 x, y = xtr[idx], ytr[idx]
                 opt.zero_grad(set_to_none=True)
                 loss = method.loss(x, y, idx)
@@ -559,7 +569,7 @@ def evaluate(model, data, subsets, args, spec, epoch) -> dict:
             x, y = subsets[part]
             rec[f"input_grad_{part}"] = input_gradient_norm(model, x, y, args.eval_batch)
         sig = weight_sigmas(model)
-        rec.update(sigmas=sig, max_sigma=max(sig))
+        rec.update(sigmas=sig, max_sigma=float("nan") if any(map(math.isnan, sig)) else max(sig))
         if (epoch + 1) % args.curvature_every == 0 or epoch + 1 == args.epochs:
             for part in ("train", "test"):
                 x, y = subsets[part]
@@ -577,13 +587,20 @@ def final_measurements(model, data, subsets, args) -> dict:
         raise SystemExit(f"--spectrum-layer {layer}: the model has {len(weights)} weights "
                          f"(0..{len(weights) - 1})")
     name, w = weights[layer]
+    xs = data.x_test[:args.slope_samples]
+    if not _finite(model):      # a diverged run: nothing to decompose, no slope
+        nan = float("nan")
+        return dict(spectrum_layer=name, spectrum_shape=list(w.shape),
+                    singular_values=[nan] * min(w.shape[0], w[0].numel()),
+                    slope_values=[nan] * len(xs), slope_mean=nan, slope_quantiles={},
+                    diverged=True)
     sv = torch.linalg.svdvals(w.detach().reshape(w.shape[0], -1).double()).tolist()
     with eval_mode(model):
-        xs = data.x_test[:args.slope_samples]
         stats = slope.distribution(model, list(xs.split(args.eval_batch)))
     return dict(spectrum_layer=name, spectrum_shape=list(w.shape), singular_values=sv,
                 slope_values=stats.values.tolist(), slope_mean=stats.mean,
-                slope_quantiles={str(q): v for q, v in stats.quantiles.items()})
+                slope_quantiles={str(q): v for q, v in stats.quantiles.items()},
+                diverged=False)
 
 
 # --------------------------------------------------------------------------- the whole job
