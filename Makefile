@@ -11,7 +11,7 @@ RUN    := env -u PYTHONPATH
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 
-.PHONY: setup wheel install demo test fuzz sanitize bench bench-suite cmake-check gpu-check clean
+.PHONY: setup wheel install demo paper test fuzz sanitize bench bench-suite cmake-check gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ install: wheel
 # -P: the installed package, not the source tree in the current directory.
 demo: install
 	$(RUN) $(PY) -P -m spectral_ext.experiments.digits
+
+# the paper runner (README, "The papers, reproducible"): ARGS="--quick --out DIR" writes every
+# output in under a minute; ARGS="--dataset mnist1d --seeds 0,1,2 ..." for a real run
+paper: install
+	$(RUN) $(PY) -P -m spectral_ext.experiments.paper $(ARGS)
 
 # the whole suite against the installed wheel (`pytest`, not `python -m pytest`, keeps the
 # source tree off sys.path, and pyproject.toml's --import-mode=append keeps benchmarks/ from

@@ -72,27 +72,51 @@ def _converged(value, prev, tol) -> bool:
     return bool(change <= tol)   # the one host sync of a check
 
 
+CRITERIA = ("change", "residual")
+
+
+def residual(v: Sequence[torch.Tensor], w: Sequence[torch.Tensor], batched: bool = False):
+    """(q, r) for a unit vector v and w = A v: the Rayleigh quotient q = v^T A v (signed) and
+    the relative residual r = ||A v - q v|| / |q| (inf where q = 0).  r <= tol is the
+    convergence test of Sandler et al.'s eigenvalue estimate (r = 0 exactly at an eigenvector)."""
+    q = dot(v, w, batched)
+    res = sq_norm([a - b * (q.reshape((-1,) + (1,) * (b.dim() - 1)) if batched else q).to(b.dtype)
+                   for a, b in zip(w, v)], batched).sqrt()
+    r = torch.where(q != 0, res / q.abs().clamp_min(torch.finfo(q.dtype).tiny),
+                    torch.full_like(res, float("inf")))
+    return q, r
+
+
 def power_iteration(matvec: Callable[[Vec], Vec], v0: Sequence[torch.Tensor], n_iter: int,
                     tol: Optional[float] = None, check_every: int = 5,
-                    batched: bool = False) -> PowerResult:
+                    batched: bool = False, criterion: str = "change") -> PowerResult:
     """Power iteration for the eigenvalue of largest magnitude of a symmetric operator.
 
     Each step: w = A v, value = ||w|| (v is a unit vector, so ||A v|| -> |lambda|max), v = w /
-    ||w||.  Stops after n_iter steps, or earlier when a tolerance is given and the relative change
-    of the value between two consecutive steps is <= tol (checked every check_every steps; when
-    batched, the largest change over the batch).  A sample whose A v is zero keeps its v.
+    ||w||.  Stops after n_iter steps, or earlier when a tolerance is given and the test passes
+    (checked every check_every steps; when batched, the worst sample decides):
+    ``criterion="change"``: the relative change of the value between two consecutive steps is
+    <= tol; ``"residual"``: ||A v - (v^T A v) v|| <= tol * |v^T A v| for the v just multiplied
+    (see :func:`residual`).  A sample whose A v is zero keeps its v.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     v = normalize(v0, batched)[0]
     value = prev = None
     it = 0
     for it in range(1, n_iter + 1):
         w = matvec(v)
+        check = tol is not None and it % check_every == 0
+        if check and criterion == "residual":
+            converged = bool((residual(v, w, batched)[1] <= tol).all())   # the check's sync
         w_unit, value = normalize(w, batched)
         keep = value > 0
         v = [torch.where(keep.reshape((-1,) + (1,) * (a.dim() - 1)) if batched else keep, a, b)
              for a, b in zip(w_unit, v)]
-        if tol is not None and prev is not None and it % check_every == 0 \
-                and _converged(value, prev, tol):
+        if check and criterion == "residual":
+            if converged:
+                break
+        elif check and prev is not None and _converged(value, prev, tol):
             break
         prev = value
     return PowerResult(value.detach(), [t.detach() for t in v], it)

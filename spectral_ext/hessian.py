@@ -10,8 +10,20 @@ rho = max |lambda_i(H)|, H = d^2 loss / d params^2, by power iteration (or Lancz
 Hessian-vector products: the gradient graph of one forward/backward is built once
 (``create_graph=True``) and each iteration is one more backward through it (double backward).
 
-The regularizer follows the paper: with the top eigenvector v held fixed, d rho / d theta =
-sign(lambda) * d (v^T H v) / d theta, a third-order term.  ``grad_method="autograd"`` obtains it by
+The regularizer follows the paper and the first author's code (github.com/ars2240/
+optWBoundEigenval, ``opt.py``, as described in issue 12; the code itself was not at hand when
+this was written): the eigenvalue is the Rayleigh quotient lambda = v^T H v of the power
+iteration's vector, and the penalty is
+
+    g = max(0, lambda - upper, lower - lambda)        (upper = K, lower = K_min; 0 and 0 give |lambda|)
+
+whose gradient, with v held fixed, is dg/dlambda * d (v^T H v) / d theta (a third-order term;
+dg/dlambda is +1, -1 or 0).  With ``convergence="residual"`` the estimate counts as converged
+when ||H v - lambda v|| <= tol * |lambda|, and ``skip_unconverged=True`` makes a step whose
+estimate has not converged add no penalty (as the authors' code does), without a host sync.
+Where the library differs by default: upper = lower = 0, so g = |lambda| and its gradient is
+sign(lambda) * d lambda / d theta = d|lambda|/d theta; the iteration runs a fixed n_iter steps
+(no convergence test, no host sync) and every step adds its penalty.  ``grad_method="autograd"`` obtains it by
 differentiating the HVP (one more backward through the double-backward graph);
 ``grad_method="finite_difference"`` uses the cheaper central difference of gradients along v,
     d (v^T H v) / d theta ~ (g(theta + eps v) - 2 g(theta) + g(theta - eps v)) / eps^2,
@@ -19,14 +31,15 @@ two extra gradient evaluations of loss_fn at perturbed parameters (restored exac
 """
 
 import contextlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import _checks, _power
 
-__all__ = ["hvp_operator", "spectral_radius", "rayleigh_quotient", "SpectralRadiusRegularizer"]
+__all__ = ["hvp_operator", "spectral_radius", "top_eigenvalue", "EigenEstimate",
+           "rayleigh_quotient", "penalty", "SpectralRadiusRegularizer"]
 
 METHODS = ("power", "lanczos")
 
@@ -53,11 +66,16 @@ def _check_loss(loss) -> torch.Tensor:
     return loss.reshape(())
 
 
-def _check_common(n_iter, tol, method):
+def _check_common(n_iter, tol, method, convergence="change"):
     _checks.check_n_iter(n_iter)
     _checks.check_optional_positive("tol", tol)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if convergence not in _power.CRITERIA:
+        raise ValueError(f"convergence must be one of {_power.CRITERIA}, got {convergence!r}")
+    if convergence == "residual" and method != "power":
+        raise ValueError("convergence='residual' (the Rayleigh-quotient residual test) is "
+                         "implemented for method='power' only")
 
 
 def _check_vector(v0, params, name="v0") -> List[torch.Tensor]:
@@ -93,31 +111,83 @@ def _gradients(loss_fn, params, create_graph: bool) -> Tuple[torch.Tensor, List[
     return loss, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _iterate(hvp, v0, n_iter, tol, method, check_every):
+def _iterate(hvp, v0, n_iter, tol, method, check_every, convergence="change"):
     if method == "lanczos":
         dim = sum(t.numel() for t in v0)
         return _power.lanczos(hvp, v0, min(n_iter, dim), tol, check_every)
-    return _power.power_iteration(hvp, v0, n_iter, tol, check_every)
+    return _power.power_iteration(hvp, v0, n_iter, tol, check_every, criterion=convergence)
 
 
 def spectral_radius(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
                     n_iter: int = 20, tol: Optional[float] = 1e-3,
                     v0: Optional[Sequence[torch.Tensor]] = None, method: str = "power",
-                    check_every: int = 5, generator: Optional[torch.Generator] = None
-                    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                    check_every: int = 5, generator: Optional[torch.Generator] = None,
+                    convergence: str = "change") -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(rho, v): rho = max |lambda(H)| (0-d tensor) of the Hessian of loss_fn() with respect to
     params, and the unit eigenvector v (a list shaped like params; pass it back as v0 to warm
     start).  ``method="lanczos"`` converges in fewer iterations at the cost of n_iter stored
-    vectors.  ``tol``: stop when the relative change of rho is <= tol, checked every
-    check_every iterations (one host sync per check); ``tol=None`` runs exactly n_iter
-    iterations with no host synchronisation.  Nothing here changes the parameters' .grad."""
+    vectors.  ``tol``: stop when the relative change of rho is <= tol (``convergence=
+    "residual"``: when ||H v - (v^T H v) v|| <= tol * |v^T H v|), checked every check_every
+    iterations (one host sync per check); ``tol=None`` runs exactly n_iter iterations with no
+    host synchronisation.  Nothing here changes the parameters' .grad."""
     params = _check_params(params)
-    _check_common(n_iter, tol, method)
+    _check_common(n_iter, tol, method, convergence)
     _, grads = _gradients(loss_fn, params, create_graph=True)
     v0 = (_power.random_like(params, generator=generator) if v0 is None
           else _check_vector(v0, params))
-    res = _iterate(hvp_operator(grads, params), v0, n_iter, tol, method, check_every)
+    res = _iterate(hvp_operator(grads, params), v0, n_iter, tol, method, check_every,
+                   convergence)
     return res.value, res.vector
+
+
+class EigenEstimate(NamedTuple):
+    eigenvalue: torch.Tensor     # v^T H v, signed (0-d)
+    vector: List[torch.Tensor]   # the unit vector v, shaped like params
+    residual: torch.Tensor       # ||H v - eigenvalue * v|| / |eigenvalue| (0-d)
+    iterations: int
+
+
+def top_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
+                   n_iter: int = 20, tol: Optional[float] = 1e-3,
+                   v0: Optional[Sequence[torch.Tensor]] = None, check_every: int = 5,
+                   generator: Optional[torch.Generator] = None) -> EigenEstimate:
+    """Sandler et al.'s estimate of the dominant eigenvalue: power iteration on H until the
+    residual test ||H v - (v^T H v) v|| <= tol * |v^T H v| passes (checked every check_every
+    iterations, one host sync each; ``tol=None`` runs n_iter iterations), then the Rayleigh
+    quotient v^T H v (signed) and the residual of the returned v (converged: residual <= tol).
+    One HVP more than :func:`spectral_radius` (the returned vector's own product)."""
+    params = _check_params(params)
+    _check_common(n_iter, tol, "power", "residual")
+    _, grads = _gradients(loss_fn, params, create_graph=True)
+    v0 = (_power.random_like(params, generator=generator) if v0 is None
+          else _check_vector(v0, params))
+    hvp = hvp_operator(grads, params)
+    res = _power.power_iteration(hvp, v0, n_iter, tol, check_every, criterion="residual")
+    q, r = _power.residual(res.vector, [h.detach() for h in hvp(res.vector)])
+    return EigenEstimate(q.detach(), res.vector, r.detach(), res.iterations)
+
+
+def _check_bounds(upper, lower) -> Tuple[float, float]:
+    for name, b in (("upper", upper), ("lower", lower)):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or b != b:
+            raise ValueError(f"{name} must be a number (inf allowed), got {b!r}")
+    if lower > upper:
+        raise ValueError(f"lower (K_min = {lower}) must be <= upper (K = {upper})")
+    return float(upper), float(lower)
+
+
+def penalty(eigenvalue: torch.Tensor, upper: float = 0.0, lower: float = 0.0
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(g, dg/dlambda) of Sandler et al.'s penalty g = max(0, lambda - upper, lower - lambda),
+    elementwise, no gradient: dg/dlambda is +1 where lambda - upper is the (positive) maximum,
+    -1 where lower - lambda is, 0 inside [lower, upper].  upper = lower = 0: g = |lambda|."""
+    upper, lower = _check_bounds(upper, lower)
+    lam = eigenvalue.detach()
+    above, below = lam - upper, lower - lam
+    g = torch.clamp_min(torch.maximum(above, below), 0)
+    coef = torch.where((above > 0) & (above >= below), torch.ones_like(lam),
+                       torch.where(below > 0, -torch.ones_like(lam), torch.zeros_like(lam)))
+    return g, coef
 
 
 def rayleigh_quotient(loss_fn, params, v) -> torch.Tensor:
@@ -129,13 +199,23 @@ def rayleigh_quotient(loss_fn, params, v) -> torch.Tensor:
 
 
 class SpectralRadiusRegularizer(nn.Module):
-    """Adds ``mu * rho(H)`` to a loss, with its gradient, as Sandler, Klabjan & Luo do.
+    """Adds ``mu * g(lambda)`` to a loss, with its gradient, as Sandler, Klabjan & Luo do.
 
-    ``forward(loss_fn, params)`` returns ``loss_fn() + mu * rho``: backward() of it gives the
-    loss's gradient plus ``mu * sign(lambda) * d(v^T H v)/d theta`` with v the top eigenvector,
-    found by ``n_iter`` power (or Lanczos) iterations warm-started from the previous call's v.
-    The vector is kept in the module's state_dict (as extra state).  ``last_rho`` holds the
-    latest estimate (a tensor; reading it is the caller's sync, not ours).
+    ``forward(loss_fn, params)`` returns ``loss_fn() + mu * g``: backward() of it gives the
+    loss's gradient plus ``mu * dg/dlambda * d(v^T H v)/d theta`` with v the top eigenvector,
+    found by ``n_iter`` power (or Lanczos) iterations warm-started from the previous call's v,
+    lambda = v^T H v (signed) and g = max(0, lambda - upper, lower - lambda) (see
+    :func:`penalty`; the defaults upper = lower = 0 give g = |lambda|).  The vector is kept in
+    the module's state_dict (as extra state).  After a call: ``last_rho`` (||H v||, the power
+    iteration's estimate of max |lambda|), ``last_eigenvalue`` (v^T H v), ``last_residual``
+    (||H v - lambda v|| / |lambda|) and, with a tolerance and ``convergence="residual"``,
+    ``last_converged`` (a bool tensor): tensors, so reading them is the caller's sync, not ours.
+
+    tol / convergence: with a tol the iteration stops early (a host sync per check) when the
+    relative change of the estimate (``"change"``) or the residual (``"residual"``, Sandler et
+    al.'s test) is <= tol.  skip_unconverged (needs tol and ``convergence="residual"``): a step
+    whose final residual exceeds tol adds no penalty (the term is multiplied by the test's
+    outcome on the device: no sync).
 
     grad_method: "autograd" (exact third-order term by differentiating the HVP) or
     "finite_difference" (two extra gradient evaluations and one extra forward; eps defaults to
@@ -145,18 +225,28 @@ class SpectralRadiusRegularizer(nn.Module):
 
     def __init__(self, mu: float, n_iter: int = 5, method: str = "power",
                  grad_method: str = "autograd", eps: Optional[float] = None,
-                 tol: Optional[float] = None, check_every: int = 5):
+                 tol: Optional[float] = None, check_every: int = 5, upper: float = 0.0,
+                 lower: float = 0.0, convergence: str = "change",
+                 skip_unconverged: bool = False):
         super().__init__()
         mu = _checks.check_coefficient("mu", mu)
-        _check_common(n_iter, tol, method)
+        _check_common(n_iter, tol, method, convergence)
         if grad_method not in ("autograd", "finite_difference"):
             raise ValueError("grad_method must be 'autograd' or 'finite_difference', "
                              f"got {grad_method!r}")
         _checks.check_optional_positive("eps", eps)
+        self.upper, self.lower = _check_bounds(upper, lower)
+        if skip_unconverged and (tol is None or convergence != "residual"):
+            raise ValueError("skip_unconverged=True needs a tolerance and "
+                             "convergence='residual' (the test that decides convergence)")
         self.mu, self.n_iter, self.method = mu, n_iter, method
         self.grad_method, self.eps, self.tol, self.check_every = grad_method, eps, tol, check_every
+        self.convergence, self.skip_unconverged = convergence, bool(skip_unconverged)
         self.v: Optional[List[torch.Tensor]] = None
         self.last_rho: Optional[torch.Tensor] = None
+        self.last_eigenvalue: Optional[torch.Tensor] = None
+        self.last_residual: Optional[torch.Tensor] = None
+        self.last_converged: Optional[torch.Tensor] = None
 
     def get_extra_state(self):
         return {"v": self.v, "last_rho": self.last_rho}
@@ -174,25 +264,36 @@ class SpectralRadiusRegularizer(nn.Module):
             v0 = [a.to(device=p.device, dtype=p.dtype) for a, p in zip(self.v, params)]
         else:
             v0 = _power.random_like(params)
-        res = _iterate(hvp, v0, self.n_iter, self.tol, self.method, self.check_every)
+        res = _iterate(hvp, v0, self.n_iter, self.tol, self.method, self.check_every,
+                       self.convergence)
         v = res.vector
         self.v, self.last_rho = v, res.value
         if self.grad_method == "autograd":
             with torch.enable_grad():
                 hv = hvp_operator(grads, params, create_graph=True)(v)
                 q = _power.dot(v, hv)                       # v^T H v, differentiable (3rd order)
-            term = torch.sign(q.detach()) * q
+            lam, r = _power.residual(v, [h.detach() for h in hv])
+            g, coef = penalty(lam, self.upper, self.lower)
+            term = g + coef * (q - q.detach())              # value g, gradient dg/dlam * dq
         else:
-            q = _power.dot(v, hvp(v)).detach()
+            lam, r = _power.residual(v, hvp(v))
+            lam = lam.detach()
             d3 = self._third_derivative_fd(loss_fn, params, v, [g.detach() for g in grads])
             # the perturbations bumped the parameters' versions, so the first graph cannot be
             # backpropagated any more: the loss is evaluated once more for the returned total
             del loss, grads, hvp
             with torch.enable_grad():
                 loss = _check_loss(loss_fn())
-            # value sign(q) * q = |q|; gradient sign(q) * d3 (through the zero-valued surrogate)
-            term = torch.sign(q) * (q + sum(((p - p.detach()) * d).sum()
-                                            for p, d in zip(params, d3)))
+            g, coef = penalty(lam, self.upper, self.lower)
+            # value g; gradient dg/dlam * d3 (through the zero-valued surrogate)
+            term = g + coef * sum(((p - p.detach()) * d).sum() for p, d in zip(params, d3))
+        self.last_eigenvalue, self.last_residual = lam.detach(), r.detach()
+        if self.tol is not None and self.convergence == "residual":
+            self.last_converged = r.detach() <= self.tol
+            if self.skip_unconverged:
+                term = term * self.last_converged.to(term.dtype)
+        else:
+            self.last_converged = None
         return loss + self.mu * term
 
     def _third_derivative_fd(self, loss_fn, params, v, g0):

@@ -220,3 +220,108 @@ def test_attention_model_hessian_matches_written_out_attention():
         rho.append(r)
     # the same function in two float32 implementations: rounding only
     assert torch.allclose(rho[0], rho[1], rtol=1e-4), rho
+
+
+# --- Sandler et al.'s definition: bounds, Rayleigh estimate, residual test, skip-if-unconverged
+
+@pytest.mark.parametrize("lam, upper, lower, g, coef", [
+    (2.0, 0.0, 0.0, 2.0, 1.0), (-2.0, 0.0, 0.0, 2.0, -1.0), (0.0, 0.0, 0.0, 0.0, 0.0),
+    (3.0, 1.0, -1.0, 2.0, 1.0), (0.5, 1.0, -1.0, 0.0, 0.0), (-1.5, 1.0, -1.0, 0.5, -1.0),
+    (0.5, 1.0, 1.0, 0.5, -1.0), (-5.0, 1.0, float("-inf"), 0.0, 0.0),
+])
+def test_penalty_on_hand_values(lam, upper, lower, g, coef):
+    got_g, got_c = hessian.penalty(torch.tensor(lam, dtype=torch.float64), upper, lower)
+    assert got_g.item() == g and got_c.item() == coef
+
+
+def test_top_eigenvalue_is_the_signed_dominant_eigenvalue():
+    model, params, loss_fn, x, y = _problem("mlp")
+    ev = torch.linalg.eigvalsh(_dense(model, x, y)[0])
+    top = ev[ev.abs().argmax()]
+    est = hessian.top_eigenvalue(loss_fn, params, n_iter=20000, tol=1e-9, check_every=10)
+    # residual r = ||Hv - qv|| / |q| bounds the eigenvalue error: |q - lambda| <= r |q|
+    # (Bauer-Fike for symmetric H), and r^2 |q| for the Rayleigh quotient near a simple eigenvalue
+    assert est.residual.item() <= 1e-9
+    assert abs(est.eigenvalue.item() - top.item()) <= 1e-9 * abs(top.item())
+    assert est.iterations < 20000 and est.iterations % 10 == 0
+
+
+def test_residual_criterion_stops_when_the_residual_is_small():
+    A = torch.diag(torch.tensor([4.0, -1.0, 2.0, 0.5], dtype=torch.float64))
+    calls = []
+    mv = lambda v: (calls.append(1), [A @ v[0]])[1]
+    res = _power.power_iteration(mv, [torch.ones(4, dtype=torch.float64)], 1000, tol=1e-8,
+                                 check_every=1, criterion="residual")
+    # (2/4)^k convergence: the residual of the vector before the last step is <= 1e-8
+    assert res.iterations < 60 and len(calls) == res.iterations
+    q, r = _power.residual(res.vector, [A @ res.vector[0]])
+    assert r.item() <= 1e-8 and abs(q.item() - 4.0) <= 1e-12
+    with pytest.raises(ValueError, match="criterion"):
+        _power.power_iteration(mv, [torch.ones(4)], 3, criterion="norm")
+
+
+@pytest.mark.parametrize("where", ["above", "inside", "below"])
+@pytest.mark.parametrize("grad_method", ["autograd", "finite_difference"])
+def test_bounded_penalty_gradient_matches_dense(where, grad_method):
+    """loss + mu * max(0, lambda - K, K_min - lambda), lambda the dominant (signed) eigenvalue,
+    against autograd through the dense Hessian: bounds put lambda above, inside or below."""
+    model, params, loss_fn, x, y = _problem("mlp")
+    H, flat_loss, theta = _dense(model, x, y)
+    ev = torch.linalg.eigvalsh(H)
+    lam = ev[ev.abs().argmax()].item()
+    a = abs(lam)
+    upper, lower = {"above": (lam - 0.3 * a, lam - 0.6 * a), "inside": (lam + 0.1 * a, lam - 0.1 * a),
+                    "below": (lam + 0.6 * a, lam + 0.3 * a)}[where]
+    mu = 0.3
+    reg = hessian.SpectralRadiusRegularizer(mu=mu, n_iter=60, method="lanczos", upper=upper,
+                                            lower=lower, grad_method=grad_method)
+    total = reg(loss_fn, params)
+    total.backward()
+    got = torch.cat([p.grad.flatten() for p in params])
+
+    theta = theta.clone().requires_grad_(True)
+    e = torch.linalg.eigvalsh(torch.func.hessian(flat_loss)(theta))
+    top = e[e.abs().argmax()]
+    g = torch.clamp_min(torch.maximum(top - upper, lower - top), 0)
+    ref_total = flat_loss(theta) + mu * g
+    (ref,) = torch.autograd.grad(ref_total, theta)
+    assert abs(total.item() - ref_total.item()) <= 1e-8 * abs(ref_total.item())
+    tol = 1e-6 if grad_method == "autograd" else 1e-4   # O(eps^2) truncation of the difference
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert err <= tol, f"relative gradient error {err:.2e}"
+    assert abs(reg.last_eigenvalue.item() - lam) <= 1e-8 * a
+
+
+@pytest.mark.parametrize("converges", [True, False])
+def test_skip_unconverged_adds_no_penalty(converges):
+    """The step's penalty is kept exactly when the final residual passes the test.  A huge tol
+    always passes; tol = 1e-30 after one iteration never does."""
+    model, params, loss_fn, _, _ = _problem("mlp")
+    tol = 1e30 if converges else 1e-30
+    reg = hessian.SpectralRadiusRegularizer(mu=0.5, n_iter=1, tol=tol, check_every=1000,
+                                            convergence="residual", skip_unconverged=True)
+    total = reg(loss_fn, params)
+    assert bool(reg.last_converged) == converges
+    loss = loss_fn()
+    if converges:
+        expected = loss + 0.5 * reg.last_eigenvalue.abs()
+        assert torch.allclose(total, expected, rtol=1e-12, atol=0)
+    else:
+        assert torch.equal(total.detach(), loss.detach())
+        total.backward()
+        got = [p.grad.clone() for p in params]
+        ref = torch.autograd.grad(loss_fn(), params)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_sandler_options_reject_bad_combinations():
+    with pytest.raises(ValueError, match="lower"):
+        hessian.SpectralRadiusRegularizer(mu=0.1, upper=1.0, lower=2.0)
+    with pytest.raises(ValueError, match="skip_unconverged"):
+        hessian.SpectralRadiusRegularizer(mu=0.1, skip_unconverged=True)
+    with pytest.raises(ValueError, match="skip_unconverged"):
+        hessian.SpectralRadiusRegularizer(mu=0.1, tol=1e-3, skip_unconverged=True)
+    with pytest.raises(ValueError, match="residual"):
+        hessian.SpectralRadiusRegularizer(mu=0.1, method="lanczos", convergence="residual")
+    with pytest.raises(ValueError, match="convergence"):
+        hessian.SpectralRadiusRegularizer(mu=0.1, convergence="exact")

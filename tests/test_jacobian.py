@@ -125,6 +125,27 @@ def test_frobenius_estimate_is_unbiased():
     torch.testing.assert_close(est, ref, rtol=0.05, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_exact_frobenius_and_jacobian_matrix_match_dense(kind):
+    model, x = _case(kind)
+    J = _dense_jacobians(model, x).detach()
+    torch.testing.assert_close(jacobian.jacobian_matrix(model, x), J, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(jacobian.frobenius_norm_sq_exact(model, x),
+                               torch.linalg.matrix_norm(J).pow(2), rtol=1e-12, atol=0)
+
+
+def test_exact_frobenius_regularizer_gradient_matches_dense():
+    model, x = _case("mlp")
+    params = dict(model.named_parameters())
+    term = jacobian.JacobianFrobeniusRegularizer(lam=0.5, exact=True)(model, x)
+    got = _grads(term, list(params.values()))
+    ref_term = 0.5 * torch.linalg.matrix_norm(_dense_jacobians(model, x, params)).pow(2).mean()
+    ref = _grads(ref_term, list(params.values()))
+    torch.testing.assert_close(term, ref_term, rtol=1e-12, atol=0)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
 def test_frobenius_regularizer_is_differentiable():
     model, x = _case("mlp")
     term = jacobian.JacobianFrobeniusRegularizer(lam=0.5, n_proj=2)(model, x)

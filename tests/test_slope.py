@@ -27,16 +27,31 @@ def test_scalar_output_is_gradient_norm():
     torch.testing.assert_close(slope.slope(model, x), ref, rtol=1e-10, atol=0)
 
 
+def test_default_is_the_authors_uncentered_top_singular_value():
+    """The authors' get_sing: sigma_max of the Jacobian of the logits, no centring."""
+    model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 4)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    ref = torch.linalg.svdvals(_dense(model, x))[:, 0]
+    torch.testing.assert_close(slope.slope(model, x), ref, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "power", "auto-beyond-threshold"])
 @pytest.mark.parametrize("center", [True, False])
-def test_logits_slope_is_top_singular_value(center):
+def test_logits_slope_is_top_singular_value(center, method):
     model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 4)).double()
     x = torch.randn(5, 6, dtype=torch.float64)
     J = _dense(model, x)
     if center:   # the softmax ignores the all-ones direction of the logits
         J = (torch.eye(4, dtype=torch.float64) - 1 / 4) @ J
     ref = torch.linalg.svdvals(J)[:, 0]
-    got = slope.slope(model, x, n_iter=500, tol=1e-12, center=center)
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    if method == "exact":
+        # K VJPs + svdvals: exact to rounding, no iteration
+        got = slope.slope(model, x, center=center, method="exact")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)
+    else:
+        kw = dict(method="power") if method == "power" else dict(exact_max_outputs=3)
+        got = slope.slope(model, x, n_iter=500, tol=1e-12, center=center, **kw)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
 
 
 def test_slope_of_a_linear_map_and_rescaling():
@@ -50,20 +65,63 @@ def test_slope_of_a_linear_map_and_rescaling():
     torch.testing.assert_close(s3, 3.0 * s, rtol=1e-8, atol=0)
 
 
-def test_slope_loss_gradient_matches_dense():
+@pytest.mark.parametrize("method, center", [("exact", False), ("power", False), ("exact", True),
+                                            ("power", True)])
+def test_slope_loss_gradient_matches_dense(method, center):
     model = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)).double()
     x = torch.randn(5, 4, dtype=torch.float64)
-    loss = slope.slope_loss(model, x, n_iter=500)
+    loss = slope.slope_loss(model, x, n_iter=500, method=method, center=center)
     grads = _grads(loss, list(model.parameters()))
-    P = torch.eye(3, dtype=torch.float64) - 1 / 3
+    P = torch.eye(3, dtype=torch.float64) - (1 / 3 if center else 0)
     params = dict(model.named_parameters())
     from torch.func import functional_call
     J = vmap(jacrev(lambda xi: functional_call(model, params, (xi.unsqueeze(0),)).squeeze(0)))(x)
-    ref_loss = torch.linalg.svdvals(P @ J)[:, 0].pow(2).mean()
+    sv = torch.linalg.svdvals(P @ J)
+    ref_loss = sv[:, 0].pow(2).mean()
     ref = _grads(ref_loss, list(params.values()))
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-8, atol=0)
+    if method == "exact":     # rounding only
+        rtol_loss, rtol = 1e-10, 1e-9
+    else:
+        # 500 power iterations on J^T J: the singular vectors' angle shrinks like
+        # (s2/s1)^(2k) (times the starting angle's tangent: 100 covers a random start), the
+        # gradient (fixed-vector u^T J v) errs by that angle, sigma by its square
+        ratio = torch.where(sv[:, 0] > 0, sv[:, 1] / sv[:, 0], 0.0)   # J = 0: every ReLU off
+        angle = 100 * ratio.max().item() ** (2 * 500)
+        rtol_loss, rtol = 1e-10 + angle ** 2, 1e-9 + angle
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol_loss, atol=0)
     for g, r in zip(grads, ref):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(g, r, rtol=rtol, atol=1e-9 * max(1.0, rtol / 1e-9))
+
+
+def test_local_variation_against_dense_slopes():
+    """|s(x) - s(x + r u)| / s(x), each slope from the dense Jacobian, with the same directions
+    (the generator draws u per sample for each radius and direction, in that order)."""
+    from spectral_ext import _power
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    radii = (0.05, 0.5)
+    got = slope.local_variation(model, x, radii=radii, n_directions=3,
+                                generator=torch.Generator().manual_seed(7))
+    assert got.shape == (4, 2, 3)
+    s = lambda z: torch.linalg.svdvals(_dense(model, z))[:, 0]
+    s0, gen = s(x), torch.Generator().manual_seed(7)
+    for j, r in enumerate(radii):
+        for d in range(3):
+            u = _power.random_like([x], batched=True, generator=gen)[0]
+            assert torch.allclose(u.norm(dim=1), torch.ones(4, dtype=torch.float64))
+            ref = (s0 - s(x + r * u)).abs() / s0
+            ref = torch.where(s0 > 0, ref, torch.nan)   # a point where every ReLU is off: s = 0
+            torch.testing.assert_close(got[:, j, d], ref, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_local_variation_of_an_affine_map_is_zero():
+    lin = nn.Linear(6, 4).double()
+    v = slope.local_variation(lin, torch.randn(3, 6, dtype=torch.float64), radii=(0.1, 10.0))
+    assert v.abs().max() <= 1e-12
+    with pytest.raises(ValueError, match="radii"):
+        slope.local_variation(lin, torch.randn(3, 6), radii=(0.0,))
+    with pytest.raises(ValueError, match="method"):
+        slope.slope(lin, torch.randn(3, 6), method="svd")
 
 
 def test_distribution_over_batches():
