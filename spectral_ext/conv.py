@@ -13,8 +13,8 @@ a given size (C, *spatial):
   of the per-frequency out x in matrices of the kernel's DFT).
 * ``SpectralNormRegularizer(model, conv_norm="operator")`` (regularizer.py calls
   :class:`OperatorMode`): one input-shaped vector per conv, one power iteration per step, and
-  lam*sigma*dsigma/dW added into the weight's gradient; convs of the same geometry are batched
-  into one grouped conv call per iteration.
+  lam*sigma*dsigma/dW added into the weight's gradient; small convs of the same geometry are
+  batched into one grouped conv call per iteration (``BATCH_MAX_NUMEL``).
 * :func:`conv_norm_report`: per conv layer, the matricized sigma against the operator sigma.
 
 The operator A and its adjoint.  A Conv is ``conv(pad(x))``, where ``pad`` is the module's own
@@ -445,21 +445,28 @@ def _tridiag_top(alphas, betas):
 
 
 def converged_norm(geom: ConvGeometry, w: torch.Tensor, v0: Optional[torch.Tensor] = None,
-                   tol: float = 1e-9, max_matvecs: int = 3000,
+                   tol: Optional[float] = None, max_matvecs: int = 3000,
                    max_bytes: int = 256 << 20) -> torch.Tensor:
-    """sigma to convergence, in float64, for monitoring (synchronizes): exact by FFT where the
-    map is a circular convolution, else restarted Lanczos from v0 (or a seeded random vector):
-    cycles of at most ``max_bytes`` of Krylov vectors, each restarted from the last Ritz vector,
-    until the Ritz value changes by < ``tol`` (relative) between cycles."""
-    w = w.detach().double()
+    """sigma to convergence, for monitoring (synchronizes), in the accumulation dtype of the
+    weight (float64 for float64 weights, else float32): exact by FFT where the map is a circular
+    convolution, else restarted Lanczos from v0 (or a seeded random vector): cycles of at most
+    ``max_bytes`` of Krylov vectors, each restarted from the last Ritz vector, until the Ritz
+    value (sigma^2) changes by at most ``tol`` (relative; default 1e-10 in float64, 1e-6 in
+    float32, about what rounding allows) between checks 10 iterations apart or between
+    cycles."""
+    acc = _checks.acc_dtype(w.dtype)
+    w = w.detach().to(acc)
+    if tol is None:
+        tol = 1e-10 if acc == torch.float64 else 1e-6
     if geom.fft_exact:
         return fft_norm(geom, w)
     numel = math.prod(geom.in_size)
-    cycle = int(max(20, min(300, numel, max_bytes // (8 * numel))))
+    itemsize = torch.finfo(acc).bits // 8
+    cycle = int(max(20, min(300, numel, max_bytes // (itemsize * numel))))
     if v0 is None:
         gen = torch.Generator().manual_seed(0)
         v0 = torch.randn(geom.in_size, generator=gen, dtype=torch.float64)
-    v = v0.detach().to(device=w.device, dtype=torch.float64).unsqueeze(0)
+    v = v0.detach().to(device=w.device, dtype=acc).unsqueeze(0)
     prev, used = None, 0
     with torch.no_grad():
         while True:
@@ -541,6 +548,14 @@ def _seeded_vector(size, seed: int, name: str, device, dtype) -> torch.Tensor:
     return v.to(device=device, dtype=dtype)
 
 
+#: convs of equal geometry are stacked into one grouped conv call when each weight has at most
+#: this many elements.  Measured on the CPU (2 threads, benchmarks/conv_operator.py's set-up):
+#: 24 convs 16->16 or 32->32 (3x3, 8x8 inputs) step 2-6x faster stacked (the per-call cost
+#: dominates), but 12 convs 128->128 and 6 convs 512->512 step 1.5-4x SLOWER stacked (the
+#: weights' concatenation and the grouped conv kernel).  Not measured on a GPU.
+BATCH_MAX_NUMEL = 1 << 15
+
+
 class _Group(NamedTuple):
     geom: ConvGeometry
     idx: List[int]
@@ -560,7 +575,7 @@ class OperatorMode:
             if site.key == "weight" and isinstance(mod, CONV_TYPES):
                 self.idx.append(i)
         self.set = frozenset(self.idx)
-        self.batch = True           # stack convs of equal geometry (tests turn it off to compare)
+        self.batch = True     # stack small convs of equal geometry (tests turn it off to compare)
         self._plan = None
         sizes = self._user_sizes(reg, model, input_sizes)
         for i, size in sizes.items():
@@ -699,8 +714,8 @@ class OperatorMode:
         groups: Dict[tuple, List[int]] = {}
         for i in active:
             w = weights[i]
-            key = (i in b.parametrized, geoms[i], w.dtype, w.device,
-                   i if not self.batch else None)
+            alone = not self.batch or w.numel() > BATCH_MAX_NUMEL
+            key = (i in b.parametrized, geoms[i], w.dtype, w.device, i if alone else None)
             groups.setdefault(key, []).append(i)
         out = [_Group(k[1], idx, k[0]) for k, idx in groups.items()]
         self._plan = (b, list(active), [(i, bufs[reg._keys[i]]) for i in active], out)
@@ -777,7 +792,7 @@ class OperatorMode:
 
     @torch.no_grad()
     def exact_sigma(self, reg, b, i: int, w: torch.Tensor) -> torch.Tensor:
-        """The converged operator norm of conv i (float64), warm-started from its vector."""
+        """The converged operator norm of conv i, warm-started from its vector."""
         groups = self.plan(reg, b, [i])
         v = reg.operator_vectors._buffers[reg._keys[i]]
         return converged_norm(groups[0].geom, w, v0=v)
@@ -789,7 +804,7 @@ def conv_norm_report(model, input_sizes: Optional[Dict[str, Sequence[int]]] = No
                      example_input=None, file=None) -> List[dict]:
     """Per conv layer, the matricized sigma (the paper's: ``W.reshape(out, -1)``, by SVD)
     against the operator sigma on its input (converged: FFT where exact, else restarted Lanczos
-    in float64).  ``model`` is a model with ``input_sizes`` ({module name: (C, *spatial)}) or
+    in the weights' precision, float32 or float64: :func:`converged_norm`).  ``model`` is a model with ``input_sizes`` ({module name: (C, *spatial)}) or
     ``example_input`` (one forward records them), or a SpectralNormRegularizer built with
     conv_norm="operator" (its recorded sizes, warm-started from its vectors).  Prints a table to
     ``file`` (default stdout; None-like ``False`` prints nothing) and returns its rows."""
