@@ -602,8 +602,8 @@ class SpectralNormRegularizer(nn.Module):
     def exact_sigmas(self) -> torch.Tensor:
         """The exact largest singular value of each matricized weight, by SVD (for monitoring;
         costly on large layers).  With conv_norm="operator", a conv's entry is its converged
-        operator norm instead (spectral_ext/conv.py: FFT where exact, else Lanczos in float64
-        from its vector)."""
+        operator norm instead (spectral_ext/conv.py, converged_norm: FFT where exact, else
+        restarted Lanczos from its vector, in the weight's accumulation dtype)."""
         out = []
         b = self._bind()
         for i, w in enumerate(self._weights_now(b)):

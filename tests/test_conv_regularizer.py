@@ -168,6 +168,47 @@ def test_batched_groups_match_one_call_per_conv():
         assert_rel_close(v, rb.operator_vectors._buffers[k], 1e-12, k)
 
 
+@pytest.mark.parametrize("batch", [True, False])
+def test_stacked_geometries_step_equals_penalty(batch):
+    """Pairs of equal transposed, grouped, 1-D and 3-D convs (stacked as groups of the grouped
+    call): the step's gradient (convolution_backward) equals autograd's through the penalty,
+    and stacked equals one call per conv."""
+    def build():
+        torch.manual_seed(5)
+        return nn.ModuleList([
+            nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2),
+            nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2),
+            nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="circular"),
+            nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="circular"),
+            nn.Conv1d(3, 2, 3, stride=2, padding=1, padding_mode="replicate"),
+            nn.Conv1d(3, 2, 3, stride=2, padding=1, padding_mode="replicate"),
+            nn.Conv3d(2, 2, 2, dilation=2, padding=1),
+            nn.Conv3d(2, 2, 2, dilation=2, padding=1)]).double()
+
+    sizes = {"0": (4, 3, 4), "1": (4, 3, 4), "2": (4, 5, 4), "3": (4, 5, 4), "4": (3, 7),
+             "5": (3, 7), "6": (2, 3, 3, 4), "7": (2, 3, 3, 4)}
+    a, b = build(), build()
+    ra = se.SpectralNormRegularizer(a, lam=0.2, n_iter=3, conv_norm="operator", input_sizes=sizes)
+    rb = se.SpectralNormRegularizer(b, lam=0.2, n_iter=3, conv_norm="operator", input_sizes=sizes)
+    ra._conv.batch = rb._conv.batch = batch
+    calls = len(ra._conv.plan(ra, ra._bind(), list(range(8))))
+    assert calls == (4 if batch else 8)
+    sa = ra.step()
+    rb.penalty().backward()
+    assert torch.equal(sa, rb.sigmas())
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is None:
+            assert pb.grad is None, n
+        else:
+            assert_rel_close(pa.grad, pb.grad, 1e-12, n)
+    for i, (m, size) in enumerate(zip(a, sizes.values())):   # and sigma is the operator's
+        res = se.conv_operator_norm(m, size, n_iter=3, method="power",
+                                    v0=se.SpectralNormRegularizer(
+                                        b, conv_norm="operator",
+                                        input_sizes=sizes).operator_vectors._buffers[f"{i}/weight"])
+        assert_rel_close(sa[i], res.sigma, 1e-12, f"sigma of conv {i}")
+
+
 def _train(model, reg, opt, data):
     for x, y in data:
         opt.zero_grad()
