@@ -11,7 +11,7 @@ RUN    := env -u PYTHONPATH
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 
-.PHONY: setup wheel install demo paper test fuzz sanitize bench bench-suite cmake-check gpu-check clean
+.PHONY: setup wheel install demo paper test fuzz sanitize bench bench-conv bench-suite cmake-check gpu-check clean
 
 $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ sanitize: setup
 # END of sys.path, so the installed spectral_ext is imported and benchmarks/ is found.
 bench: install
 	$(RUN) $(PY) -P -c "import runpy, sys; sys.path.append('.'); runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)" $(ARGS)
+
+# conv_norm="operator" against "matricized" (benchmarks/conv_operator.py): the two sigmas of real
+# networks' convs (random init, and the digits CNN after training) and the cost of one step
+# (ARGS="--what cost --cost-models vgg16-cifar")
+bench-conv: install
+	$(RUN) $(PY) -P -c "import runpy, sys; sys.path.append('.'); runpy.run_module('benchmarks.conv_operator', run_name='__main__', alter_sys=True)" $(ARGS)
 
 # the pytest-benchmark suites, timed (ARGS="--bench-sets resnet50 --benchmark-json out.json")
 bench-suite: install

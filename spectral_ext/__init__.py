@@ -7,11 +7,14 @@ layers in one call.
 
 The related methods, each an estimator and a regularizer on one power-iteration core:
 ``hessian`` (spectral radius of the loss Hessian), ``jacobian`` (exact spectral norm of the
-input-output Jacobian) and ``slope`` (the slope of a network).
+input-output Jacobian) and ``slope`` (the slope of a network).  ``conv`` computes the norm of a
+convolution as a linear map on its input (``conv_operator_norm``; the regularizer's
+``conv_norm="operator"``).
 """
 
 from . import _ops  # noqa: F401  (defines the torch.library ops and loads the kernels)
-from . import hessian, jacobian, reference, slope
+from . import conv, hessian, jacobian, reference, slope
+from .conv import conv_norm_report, conv_operator_norm
 from .functional import (BACKENDS, Backend, available_backends, fused_step, resolve_backend,
                          spectral_norms, spectral_norms_with_vectors)
 from .reference import init_vectors
@@ -23,5 +26,5 @@ __all__ = [
     "fused_step", "spectral_norms", "spectral_norms_with_vectors", "available_backends",
     "resolve_backend", "Backend", "BACKENDS", "init_vectors", "reference",
     "SpectralNormRegularizer", "DEFAULT_MODULE_TYPES", "collect_weights",
-    "hessian", "jacobian", "slope",
+    "hessian", "jacobian", "slope", "conv", "conv_operator_norm", "conv_norm_report",
 ]

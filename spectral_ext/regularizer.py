@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import _checks
+from . import _checks, conv as _conv
 from .distributed import is_dtensor
 from .functional import fused_step, resolve_backend, spectral_norms
 from .reference import init_vectors
@@ -245,6 +245,11 @@ class SpectralNormRegularizer(nn.Module):
         seed: seed of the generator the initial vectors are drawn from.
         backend: "auto", "reference", "cpu", "cuda" or "triton" (see
             ``spectral_ext.available_backends()``).
+        conv_norm: "matricized" (the paper's: a conv weight as the out x in*kh*kw matrix) or
+            "operator" (the norm of each conv as a linear map on its input; spectral_ext/conv.py).
+        input_sizes: with conv_norm="operator", {conv module name or weight name:
+            (channels, *spatial)}; convs not named get their size from the model's first forward
+            (a hook records it and removes itself).
     """
 
     def __init__(self, model: nn.Module, lam: float = 0.01, n_iter: int = 1, *,
@@ -252,7 +257,8 @@ class SpectralNormRegularizer(nn.Module):
                  exclude_types: Sequence[type] = (),
                  include_names: Patterns = None, exclude_names: Patterns = None,
                  include_params: Patterns = None,
-                 seed: int = 0, backend: str = "auto"):
+                 seed: int = 0, backend: str = "auto", conv_norm: str = "matricized",
+                 input_sizes: Optional[Dict[str, Sequence[int]]] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -261,6 +267,11 @@ class SpectralNormRegularizer(nn.Module):
         resolve_backend([], backend)  # rejects an unknown or unbuilt backend now
         self.backend = backend
         self.seed = seed
+        if conv_norm not in ("matricized", "operator"):
+            raise ValueError(f"conv_norm must be 'matricized' or 'operator', got {conv_norm!r}")
+        if input_sizes is not None and conv_norm != "operator":
+            raise ValueError("input_sizes is used only with conv_norm='operator'")
+        self.conv_norm = conv_norm
         pairs = collect_weights(model, include_types, exclude_types, include_names, exclude_names,
                                 include_params)
         if not pairs:
@@ -280,6 +291,10 @@ class SpectralNormRegularizer(nn.Module):
         self._model = _ModelRef(model)
         self._binding: Optional[_Binding] = None
         self._index_cache: Dict[Tuple, torch.Tensor] = {}
+        self._conv: Optional[_conv.OperatorMode] = None
+        if conv_norm == "operator":      # input-shaped vectors, created once sizes are known
+            self.operator_vectors = nn.Module()
+            self._conv = _conv.OperatorMode(self, model, input_sizes)
 
     # ---- binding to the model ---------------------------------------------------------------
 
@@ -291,6 +306,8 @@ class SpectralNormRegularizer(nn.Module):
         self._model = _ModelRef(model)
         self._binding = None
         self._bind()
+        if self._conv is not None:
+            self._conv.watch(self, model)
         return self
 
     def _bind(self) -> _Binding:
@@ -423,6 +440,8 @@ class SpectralNormRegularizer(nn.Module):
                 raise ValueError(f"the loaded vector of {name} is {'zero' if n == 0 else 'not finite'}"
                                  ": a power iteration from it never recovers; load a valid state "
                                  "or build a new regularizer")
+        if self._conv is not None:
+            self._conv.before_load(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __deepcopy__(self, memo):
@@ -467,11 +486,17 @@ class SpectralNormRegularizer(nn.Module):
         synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``."""
         b = self._bind()
         vs = self.vs()
+        if self._conv is not None:
+            return self._operator_step(b, vs)
         if b.uniform and _all_require_grad(b.params):   # the common case: one call
             sig = fused_step(b.params, vs, lam=self.lam, n_iter=self.n_iter, backend=self.backend)
             self.last_sigma.copy_(sig)
             return sig
         active = self._active(b)
+        order, parts = self._matricized_step(b, vs, active)
+        return self._record(active, order, parts)
+
+    def _matricized_step(self, b: _Binding, vs, active: List[int]):
         order, parts = [], []
         for (para, _), idx in self._groups(b, active):
             if para:     # through the parametrization: autograd carries the gradient back
@@ -486,7 +511,18 @@ class SpectralNormRegularizer(nn.Module):
                                  n_iter=self.n_iter, backend=self.backend)
             order += idx
             parts.append(sig)
-        return self._record(active, order, parts)
+        return order, parts
+
+    def _operator_step(self, b: _Binding, vs):
+        """conv_norm="operator": convs by their operator norm (spectral_ext/conv.py), the other
+        weights as in the matricized step.  The convs' plan is checked first, so an unknown
+        input size raises before anything changes."""
+        active = self._active(b)
+        convs = [i for i in active if i in self._conv.set]
+        groups = self._conv.plan(self, b, convs)
+        order, parts = self._matricized_step(b, vs, [i for i in active if i not in self._conv.set])
+        o, p = self._conv.step(self, b, groups)
+        return self._record(active, order + o, parts + p)
 
     def penalty(self) -> torch.Tensor:
         """The differentiable penalty lam/2 * sum sigma^2 over the covered weights (one power
@@ -498,7 +534,14 @@ class SpectralNormRegularizer(nn.Module):
         active = self._active(b)
         weights = self._weights_now(b)
         order, parts = [], []
-        for (_, sharded), idx in self._groups(b, active, by_parametrization=False):
+        if self._conv is not None:     # conv_norm="operator": the convs by spectral_ext/conv.py
+            convs = [i for i in active if i in self._conv.set]
+            order, parts = self._conv.penalty_sigmas(self, b, self._conv.plan(self, b, convs),
+                                                     weights)
+            active_mat = [i for i in active if i not in self._conv.set]
+        else:
+            active_mat = active
+        for (_, sharded), idx in self._groups(b, active_mat, by_parametrization=False):
             parts.append(spectral_norms([weights[i] for i in idx], [vs[i] for i in idx],
                                         self.n_iter, backend=self.backend))
             order += idx
@@ -558,9 +601,15 @@ class SpectralNormRegularizer(nn.Module):
     @torch.no_grad()
     def exact_sigmas(self) -> torch.Tensor:
         """The exact largest singular value of each matricized weight, by SVD (for monitoring;
-        costly on large layers)."""
+        costly on large layers).  With conv_norm="operator", a conv's entry is its converged
+        operator norm instead (spectral_ext/conv.py, converged_norm: FFT where exact, else
+        restarted Lanczos from its vector, in the weight's accumulation dtype)."""
         out = []
-        for w in self.weights:
+        b = self._bind()
+        for i, w in enumerate(self._weights_now(b)):
+            if self._conv is not None and i in self._conv.set:
+                out.append(self._conv.exact_sigma(self, b, i, w).to(self.last_sigma.dtype))
+                continue
             full = w.full_tensor() if hasattr(w, "full_tensor") else w
             m = full.reshape(full.shape[0], -1).to(_checks.acc_dtype(full.dtype))
             out.append(torch.linalg.matrix_norm(m, ord=2).to(self.last_sigma.dtype))
@@ -568,4 +617,5 @@ class SpectralNormRegularizer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{len(self.names)} weights, lam={self.lam}, n_iter={self.n_iter}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" +
+                (f", conv_norm='operator' ({len(self._conv.idx)} convs)" if self._conv else ""))

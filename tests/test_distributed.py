@@ -140,6 +140,14 @@ def _bad_input(rank, world):
     refused([w, s2], r"weights\[1\] is sharded on tensor dim 2", grads=[g, torch.zeros_like(s2)])
     refused([w], r"grads\[0\] must be a DTensor with the placements of weights\[0\]",
             grads=[torch.zeros(4, 3, 2, 2)])
+    # conv_norm="operator" takes plain (or parametrized) conv weights only, and says so at the
+    # first step, before any gradient is made
+    conv = nn.Conv2d(3, 4, 3)
+    conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(0)]))
+    reg = se.SpectralNormRegularizer(conv, conv_norm="operator", input_sizes={"weight": (3, 5, 5)})
+    with pytest.raises(TypeError, match=r"does not take sharded \(DTensor\) conv weights"):
+        reg.step()
+    assert conv.weight.grad is None
 
 
 def test_unsupported_dtensor_inputs_are_refused_before_anything_changes():
