@@ -23,8 +23,13 @@ all-reduces per iteration, of L float64 norms and of sum(cols) floats, whatever 
 layers L.  ``Partial`` placements, shards on dims other than 0 and 1 (which the matricization
 interleaves) and FSDP2+TP's strided shards are refused with an error naming the weight.
 
-Arithmetic follows spectral_ext.reference exactly: the accumulation dtype (float32, float64 for
-float64 weights), squared norms summed in float64, the zero-matrix and non-finite rules.  The
+Arithmetic follows spectral_ext.reference: the accumulation dtype (float32, float64 for float64
+weights), squared norms summed in float64, divisions by a norm in float64 rounded once, the
+zero-matrix and non-finite rules, and a v that no iteration updated kept bit for bit in its own
+dtype.  One deliberate difference: the reference scales a float64 vector by a power of two before
+its norm, so float64 entries beyond 1e154 (or below 1e-154) keep a finite norm; here the squares
+are summed unscaled (scaling the same way on every rank would need one more all-reduce, of the
+largest exponent, per reduction), so such float64 weights give an infinite (or zero) norm.  The
 local products are plain PyTorch ops per layer (a fused local kernel for the partials is future
 work); the collectives are torch.distributed's, on the weights' device mesh (gloo on CPU, NCCL on
 GPUs).  No host synchronisation.  Eager only: torch.compile does not trace this path.
@@ -37,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _checks
+from . import _checks, reference
 
 try:  # torch.distributed is optional (some builds lack it)
     import torch.distributed as dist
@@ -139,14 +144,15 @@ def _norm64(x: torch.Tensor) -> torch.Tensor:
 
 
 def _iterate(layers: List[_Layer], vs: List[torch.Tensor], n_iter: int, mesh):
-    """n_iter power iterations of every layer; returns (sigma, u_local, v_new) per layer, like
-    reference.power_iteration of the full matrix (u restricted to the local rows)."""
+    """n_iter power iterations of every layer; returns (sigma, u_local, v, v_new) per layer, like
+    reference._power_iteration of the full matrix (u restricted to the local rows)."""
     groups: Dict[Tuple, List[int]] = {}
     for i, L in enumerate(layers):
         groups.setdefault(L.key, []).append(i)
     v = [vs[i].detach().to(L.acc) for i, L in enumerate(layers)]
     sig = [None] * len(layers)
     u = [None] * len(layers)
+    updated = [torch.zeros((), dtype=torch.bool, device=x.device) for x in v]
     for _ in range(n_iter):
         u_raw = [torch.mv(L.W.to(L.acc), v[i][L.c0:L.c1]) for i, L in enumerate(layers)]
         for (row_dims, col_dims, _), idx in groups.items():
@@ -160,8 +166,7 @@ def _iterate(layers: List[_Layer], vs: List[torch.Tensor], n_iter: int, mesh):
                 n2[i] = r
         vp = []
         for i, L in enumerate(layers):
-            nrm = n2[i].sqrt().reshape(()).to(L.acc)
-            u[i] = u_raw[i] * torch.where(nrm == 0, 0.0, 1.0 / nrm)
+            u[i] = reference._divide(u_raw[i], n2[i].sqrt().reshape(()))
             vp.append(torch.mv(L.W.to(L.acc).t(), u[i]))
         for (row_dims, col_dims, _), idx in groups.items():
             red = _allreduce([vp[i] for i in idx], mesh, row_dims)
@@ -175,15 +180,19 @@ def _iterate(layers: List[_Layer], vs: List[torch.Tensor], n_iter: int, mesh):
             for i, r in zip(idx, red):
                 vp[i] = r
         for i, L in enumerate(layers):
-            s = _norm64(vp[i]).sqrt().to(L.acc)
+            s64 = _norm64(vp[i]).sqrt()
+            s = s64.to(L.acc)
             ok = (s > 0) & torch.isfinite(s)
-            v[i] = torch.where(ok, vp[i] / s, v[i])
+            v[i] = torch.where(ok, reference._divide(vp[i], s64), v[i])
+            updated[i] = updated[i] | ok
             sig[i] = s
-    return sig, u, v
+    # v in the accumulation dtype (for the gradient), and the new v to store: in each old v's
+    # dtype, or the old v bit for bit where no iteration updated it
+    return sig, u, v, [reference._new_v(vs[i], v[i], updated[i]) for i in range(len(layers))]
 
 
-def _check(weights, vs, grads):
-    weights, vs = _checks.check_weights_and_vectors(weights, vs)
+def _check(weights, vs, grads, step: bool):
+    weights, vs = _checks.check_weights_and_vectors(weights, vs, overlap=False)
     mesh = weights[0].device_mesh if isinstance(weights[0], DTensor) else None
     layers = [_Layer(i, w, mesh) for i, w in enumerate(weights)]
     for i, v in enumerate(vs):
@@ -198,22 +207,31 @@ def _check(weights, vs, grads):
                 raise ValueError(f"grads[{i}] must be a DTensor with the placements of "
                                  f"weights[{i}] ({tuple(w.placements)}), got "
                                  f"{tuple(g.placements) if isinstance(g, DTensor) else 'a plain tensor'}")
+    # the memory rule of every backend, on this rank's shards (the explicit grads, or the
+    # existing .grad tensors, which the step writes; none is created before this check)
+    gs = grads if grads is not None else [w.grad for w in weights] if step else []
+    _checks.check_no_overlap([_local(w) for w in weights], vs,
+                             [None if g is None else _local(g) for g in gs])
     return weights, vs, grads, layers, mesh
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def fused_step(weights, vs, lam: float, n_iter: int, grads=None) -> torch.Tensor:
     """spectral_ext.fused_step for DTensor weights (see the module docstring)."""
-    weights, vs, grads, layers, mesh = _check(weights, vs, grads)
+    weights, vs, grads, layers, mesh = _check(weights, vs, grads, step=True)
     grads = _checks.resolve_grads(weights, grads)
     sdtype = _checks.sigma_dtype(weights)
     with torch.no_grad():
-        sig, u, vn = _iterate(layers, vs, n_iter, mesh)
-        for L, g, v, s, ui, vi in zip(layers, grads, vs, sig, u, vn):
+        sig, u, va, vn = _iterate(layers, vs, n_iter, mesh)
+        for L, g, v, s, ui, vi, vnew in zip(layers, grads, vs, sig, u, va, vn):
             gl = g.to_local()
             if gl.numel():
                 upd = lam * s * torch.outer(ui, vi[L.c0:L.c1])
                 gl.add_(upd.reshape(gl.shape))
-            v.copy_(vi)
+            v.copy_(vnew)
         return torch.stack([s.to(sdtype) for s in sig])
 
 
@@ -243,13 +261,13 @@ def spectral_norms(weights, vs, n_iter: int, update: bool = True) -> torch.Tenso
     """spectral_ext.spectral_norms for DTensor weights: sigma [L], replicated on every rank,
     differentiable (each rank's block of dsigma/dW = u v^T); with update=True the new v are
     copied into vs."""
-    weights, vs, _, layers, mesh = _check(weights, vs, None)
+    weights, vs, _, layers, mesh = _check(weights, vs, None, step=False)
     sdtype = _checks.sigma_dtype(weights)
     with torch.no_grad():
-        sig, u, vn = _iterate(layers, vs, n_iter, mesh)
+        sig, u, va, vn = _iterate(layers, vs, n_iter, mesh)
         sigma = torch.stack([s.to(sdtype) for s in sig])
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-        sigma = _ShardedNorms.apply(sigma, layers, u, vn, *weights)
+        sigma = _ShardedNorms.apply(sigma, layers, u, va, *weights)
     if update:
         with torch.no_grad():
             for v, vi in zip(vs, vn):

@@ -140,6 +140,20 @@ def _bad_input(rank, world):
     refused([w, s2], r"weights\[1\] is sharded on tensor dim 2", grads=[g, torch.zeros_like(s2)])
     refused([w], r"grads\[0\] must be a DTensor with the placements of weights\[0\]",
             grads=[torch.zeros(4, 3, 2, 2)])
+    # the memory rule of every backend, on the local shards: two gradients sharing memory
+    w2 = distribute_tensor(torch.randn(4, 3, 2, 2), mesh, [Shard(0)])
+    alias = DTensor.from_local(g.to_local(), mesh, [Shard(0)], run_check=False,
+                               shape=g.shape, stride=g.stride())
+    refused([w, w2], r"grads\[0\] and grads\[1\] overlap in memory", grads=[g, alias])
+    # the edge rules of spectral_ext.reference: a zero matrix gives sigma 0 and keeps v bit for
+    # bit, in v's own dtype (a float64 v of a float32 layer is not rounded to float32)
+    zero = distribute_tensor(torch.zeros(5, 3), mesh, [Shard(0)])
+    v64 = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    keep = v64.clone()
+    gz = torch.zeros_like(zero)
+    sig = se.fused_step([zero], [v64], lam=0.5, grads=[gz])
+    assert sig.tolist() == [0.0] and torch.equal(v64, keep)
+    assert not gz.to_local().any()
     # conv_norm="operator" takes plain (or parametrized) conv weights only, and says so at the
     # first step, before any gradient is made
     conv = nn.Conv2d(3, 4, 3)
