@@ -149,6 +149,32 @@ def test_layer_table_is_cached_while_tensors_stay():
     assert ops.cached_plans() == 3
 
 
+def test_copied_operands_are_not_cached_and_refuse_capture():
+    """A weight or gradient that cannot be viewed as rows x cols (a permuted conv weight) is
+    copied on every call: its table is built for that call only (it used to be cached under a
+    key that never repeats, evicting the tables that do), and capturing such a step says why it
+    cannot work (it used to say "run one step before capturing", which could not help)."""
+    ops = _emu()
+    ops.clear_plans()
+    ws, vs, gs = _inputs([(5, 7), (4, 3, 2, 2)])
+    ws[1] = torch.randn(4, 2, 2, 3).permute(0, 3, 1, 2)
+    ref_v, ref_g = [v.clone() for v in vs], [g.clone() for g in gs]
+    for _ in range(3):
+        ops.fused_step(ws, vs, gs, 0.1, 1)
+        reference.fused_step(ws, ref_v, grads=ref_g, lam=0.1)
+    assert ops.cached_plans() == 0
+    for a, b in zip(vs + gs, ref_v + ref_g):
+        assert_rel_close(a, b, 1e-5, "copied weight")
+    ops.capture(True)
+    try:
+        with pytest.raises(RuntimeError, match=r"weights\[1\] or its gradient cannot be viewed "
+                           r"as a rows x cols matrix .* which a CUDA graph cannot capture"):
+            ops.fused_step(ws, vs, gs, 0.1, 1)
+    finally:
+        ops.capture(False)
+    ops.destroy_graphs()
+
+
 def test_repeated_calls_are_bitwise_deterministic():
     """Every sum is taken in a fixed order, so the same inputs give the same bits."""
     ops = _emu()

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import spectral_ext as se
+from spectral_ext import reference
+
+from conftest import assert_rel_close
 
 if not se.available_backends()["triton"].available:
     pytest.skip(f"the triton backend cannot run here: {se.available_backends()['triton'].detail}",
@@ -87,6 +90,44 @@ def test_tables_are_evicted_least_recently_used_and_pinned_by_capture(monkeypatc
     tk.clear_plans()
     assert list(tk._PLANS.values()) == [pinned]
     tk._PLANS.clear()
+
+
+def test_working_copies_are_not_cached_and_refuse_capture(monkeypatch):
+    """A float64 or strided v, or a gradient that cannot be viewed as rows x cols, is copied on
+    every step: its plan is built for that call only (it used to be cached under a key that
+    never repeats, evicting the plans that do), and capturing it says why it cannot work (it
+    used to say "run one step before capturing", which could not help)."""
+    tk._PLANS.clear()
+    cases = []
+    ws, vs, gs = _inputs([(5, 7), (3, 2, 2)])
+    cases.append(("vs\\[1\\] \\(torch.float64", ws, [vs[0], vs[1].double()], gs))
+    ws, vs, gs = _inputs([(5, 7), (6, 4)])
+    cases.append(("vs\\[0\\] \\(torch.float32, stride 2",
+                  ws, [torch.stack([vs[0], vs[0]], 1)[:, 0], vs[1]], gs))
+    ws, vs, gs = _inputs([(4, 3, 2, 2)])
+    cases.append(("grads\\[0\\]", ws, vs, [torch.randn(4, 2, 2, 3, device=DEVICE).permute(0, 3, 1, 2)]))
+    for match, ws, vs, gs in cases:
+        ref_v, ref_g = [v.clone() for v in vs], [g.clone() for g in gs]
+        for _ in range(3):
+            se.fused_step(ws, vs, grads=gs, backend="triton")
+            reference.fused_step(ws, ref_v, grads=ref_g)
+        assert len(tk._PLANS) == 0, match
+        for a, b in zip(vs + gs, ref_v + ref_g):
+            assert_rel_close(a, b, 1e-5, match)
+        monkeypatch.setattr(tk, "_capturing", lambda device: True)
+        with pytest.raises(RuntimeError, match=match + ".* which a CUDA graph cannot capture"):
+            se.fused_step(ws, vs, grads=gs, backend="triton")
+        monkeypatch.setattr(tk, "_capturing", lambda device: False)
+    # clear_plans(pinned=True) also drops a pinned plan (once the user's graphs are gone)
+    ws, vs, gs = _inputs([(5, 7)])
+    se.fused_step(ws, vs, grads=gs, backend="triton")
+    monkeypatch.setattr(tk, "_capturing", lambda device: True)
+    se.fused_step(ws, vs, grads=gs, backend="triton")
+    monkeypatch.setattr(tk, "_capturing", lambda device: False)
+    tk.clear_plans()
+    assert len(tk._PLANS) == 1
+    tk.clear_plans(pinned=True)
+    assert len(tk._PLANS) == 0
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU (graph capture)")

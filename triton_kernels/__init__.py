@@ -53,8 +53,10 @@ class _Plan:
     copies nothing to the device, as CUDA-graph capture requires).
 
     Lifetime: a graph captured with a plan replays with the addresses of its tables, so a plan
-    used while capturing is pinned (never evicted) for the life of the process; the others are
-    evicted least recently used first beyond _MAX_PLANS.  A plan used on a stream other than the
+    used while capturing is pinned (never evicted, and kept by clear_plans()) for the life of the
+    process, or until ``clear_plans(pinned=True)`` once the graphs are destroyed (Triton has no
+    hook that tells when a graph dies); the others are evicted least recently used first beyond
+    _MAX_PLANS.  A group with a per-call working copy gets a plan that is not cached (_plan).  A plan used on a stream other than the
     one that built it records that stream on its tables, so the caching allocator does not hand
     their memory out (after an eviction) while that stream may still read them."""
 
@@ -105,9 +107,11 @@ _PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()   # least recently used firs
 _MAX_PLANS = 16
 
 
-def clear_plans():
-    """Drops the cached plans, except those pinned by a captured CUDA graph."""
-    for key in [k for k, p in _PLANS.items() if not p.pinned]:
+def clear_plans(pinned: bool = False):
+    """Drops the cached plans, except those pinned by a captured CUDA graph; with
+    ``pinned=True`` those too: call it only once every graph captured with a Triton step is
+    destroyed (a replay would read freed tables)."""
+    for key in [k for k, p in _PLANS.items() if pinned or not p.pinned]:
         del _PLANS[key]
 
 
@@ -115,7 +119,20 @@ def _capturing(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _plan(Ws, Gs, Vs, out_index, device) -> _Plan:
+def _plan(Ws, Gs, Vs, out_index, device, copied=None) -> _Plan:
+    """The cached plan of these tensors, or a new one.  ``copied`` names a tensor of the group
+    that is a per-call working copy (a float64 or strided v, a weight or gradient that cannot be
+    viewed as rows x cols): its pointer never repeats, so the plan is built for this call only
+    (caching it would evict the plans that do repeat), and a graph cannot capture it."""
+    if copied is not None:
+        if _capturing(device):
+            raise RuntimeError(
+                f"spectral_ext.fused_step (triton): {copied} needs a working copy on every step "
+                "(the Triton kernels read contiguous float32 vectors, and weights and gradients "
+                "viewable as rows x cols with unit column stride), which a CUDA graph cannot "
+                "capture; use contiguous float32 vectors and contiguous weights and gradients, "
+                "or step outside the graph")
+        return _Plan(Ws, Gs, Vs, out_index, device)
     key = (str(device), tuple(out_index),
            tuple((w.data_ptr(), tuple(w.shape), w.stride(0), w.dtype) for w in Ws),
            tuple((g.data_ptr(), g.stride(0), g.dtype) for g in Gs),
@@ -173,23 +190,29 @@ def _fused_step_forward(weights, vs, grads, lam, n_iter, device) -> torch.Tensor
         groups.setdefault((w.dtype, g.dtype), []).append(i)
     for (wdt, gdt), idx in groups.items():
         Ws, Gs, Vs, write_back, v_copies = [], [], [], [], []
+        copied = None    # the first tensor of the group that needs a per-call working copy
         for i in idx:
             w, g, v = weights[i], grads[i], vs[i]
             rows = w.shape[0]
             cols = w.numel() // rows
-            Ws.append(_as_2d(w, rows, cols)[0])
-            g2, copied = _as_2d(g, rows, cols)
+            w2, w_copied = _as_2d(w, rows, cols)
+            Ws.append(w2)
+            g2, g_copied = _as_2d(g, rows, cols)
             Gs.append(g2)
-            if copied:
+            if g_copied:
                 write_back.append((g, g2))
-            if v.dtype == torch.float32 and v.is_contiguous():
+            v_copied = not (v.dtype == torch.float32 and v.is_contiguous())
+            if not v_copied:
                 Vs.append(v)
             else:   # float64 or strided vectors: a float32 working copy, written back after,
                 # where some iteration updated it (a kept v stays exactly as it was)
                 vw = v.to(torch.float32).contiguous()
                 Vs.append(vw)
                 v_copies.append((len(Vs) - 1, v, vw))
-        p = _plan(Ws, Gs, Vs, idx, device)
+            if copied is None:
+                copied = (f"weights[{i}]" if w_copied else f"grads[{i}]" if g_copied else
+                          f"vs[{i}] ({v.dtype}, stride {v.stride(0)})" if v_copied else None)
+        p = _plan(Ws, Gs, Vs, idx, device, copied)
         u_raw = torch.empty(p.n_u, dtype=torch.float32, device=device)
         v_prime = torch.empty(p.n_v, dtype=torch.float32, device=device)
         u_norm = torch.empty(len(idx), dtype=torch.float64, device=device)

@@ -288,6 +288,15 @@ void check_launch(cudaError_t e) {
   TORCH_CHECK(false, "spectral_ext CUDA kernel launch failed: ", cudaGetErrorString(e));
 }
 
+// The position (in the group) of the first layer whose weight or gradient describe() copied,
+// or -1.
+int64_t first_copied(const std::vector<Operand>& keep, size_t n) {
+  for (size_t j = keep.size() - n; j < keep.size(); ++j)
+    if (keep[j].W_hold.defined() || keep[j].G_hold.defined())
+      return static_cast<int64_t>(j - (keep.size() - n));
+  return -1;
+}
+
 void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::TensorList vs,
                at::TensorList grads, double lam, int64_t n_iter, const at::Tensor& sigma,
                const std::optional<c10::Stream>& torch_stream, cudaStream_t stream,
@@ -301,11 +310,31 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
     keep.emplace_back();
     descs.push_back(describe(weights[i], grads[i], vs[i], i, keep.back()));
   }
-  std::string key(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(LayerDesc));
-  key += '/' + std::to_string(device.index()) + '/' + std::to_string(static_cast<int>(dt));
-  std::shared_ptr<Plan> plan = plan_cache().get(key);
   const bool capturing = stream_is_capturing(stream);
-  if (!plan) {
+  // A weight or gradient that cannot be viewed as a strided rows x cols matrix is copied into a
+  // new buffer every call (describe()), so its table's pointers never repeat: such a table is
+  // built for this call only (caching it would evict the tables that do repeat), and a graph
+  // cannot capture it (the copy is made, and the table uploaded, on every call).
+  const int64_t first_copy = first_copied(keep, idx.size());
+  if (first_copy >= 0) {
+    TORCH_CHECK(!capturing,
+                "spectral_ext.fused_step (CUDA): weights[", idx[first_copy], "] or its gradient "
+                "cannot be viewed as a rows x cols matrix (e.g. a permuted conv weight), so each "
+                "step copies it, which a CUDA graph cannot capture; make it (and its .grad) "
+                "contiguous, or step outside the graph");
+  }
+  std::shared_ptr<Plan> plan;
+  std::string key;
+  if (first_copy < 0) {
+    key.assign(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(LayerDesc));
+    key += '/' + std::to_string(device.index()) + '/' + std::to_string(static_cast<int>(dt));
+    plan = plan_cache().get(key);
+  }
+  if (first_copy >= 0) {
+    // freed when this call returns: the caching allocator reuses the table's memory only for
+    // work ordered after this step's kernels on the same stream
+    plan = build_plan(descs, device, stream);
+  } else if (!plan) {
     TORCH_CHECK(!capturing,
                 "spectral_ext.fused_step (CUDA): these tensors have no cached layer table yet, "
                 "and uploading one is not allowed while the stream is captured into a CUDA "
