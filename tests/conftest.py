@@ -78,3 +78,15 @@ def assert_lowp_close(out, ref_same_precision, oracle, what="", k=1):
     floor = 8 * k ** 0.5 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
     assert err <= 2 * ref_err + floor, (
         f"{what}: error {err:.3g} vs plain PyTorch's {ref_err:.3g} (floor {floor:.3g}, k={k})")
+
+
+def assert_replay_equals_eager(graph, sigma, outs, starts, eager_sigma, eager_outs):
+    """Resets the step's outputs (vs and grads) to their values before the eager step, replays
+    a CUDA graph of the same step, and checks that it gave the eager step's bits."""
+    for t, s in zip(outs, starts):
+        t.copy_(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(sigma, eager_sigma)
+    for a, b in zip(outs, eager_outs):
+        assert torch.equal(a, b)

@@ -18,7 +18,7 @@ import spectral_ext as se
 from spectral_ext import functional, reference
 
 import cuda_emulation
-from conftest import assert_rel_close
+from conftest import assert_rel_close, assert_replay_equals_eager
 
 GPU = se.available_backends()["cuda"].available
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and the CUDA kernels: "
@@ -429,15 +429,7 @@ def test_cuda_graph_replay_equals_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         sigma = se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
-    for v, a in zip(vs, v0):
-        v.copy_(a)
-    for g, a in zip(gs, g0):
-        g.copy_(a)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(sigma, eager_s)
-    for a, b in zip(vs + gs, eager_v + eager_g):
-        assert torch.equal(a, b)
+    assert_replay_equals_eager(graph, sigma, vs + gs, v0 + g0, eager_s, eager_v + eager_g)
 
 
 @needs_gpu
@@ -469,15 +461,7 @@ def test_cuda_graph_survives_table_eviction():
         se.fused_step(o[0], o[1], grads=o[2], backend="cuda")
     poison = torch.full((1 << 22,), float("nan"), device="cuda")
     del poison
-    for v, a in zip(vs, v0):
-        v.copy_(a)
-    for g, a in zip(gs, g0):
-        g.copy_(a)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(sigma, eager_s)
-    for a, b in zip(vs + gs, eager_v + eager_g):
-        assert torch.equal(a, b)
+    assert_replay_equals_eager(graph, sigma, vs + gs, v0 + g0, eager_s, eager_v + eager_g)
     del graph
     gc.collect()
     torch.cuda.synchronize()

@@ -8,7 +8,7 @@ import torch
 import spectral_ext as se
 from spectral_ext import reference
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, assert_replay_equals_eager
 
 if not se.available_backends()["triton"].available:
     pytest.skip(f"the triton backend cannot run here: {se.available_backends()['triton'].detail}",
@@ -152,15 +152,7 @@ def test_cuda_graph_replay_survives_eviction():
         se.fused_step(*o[:2], grads=o[2], backend="triton")
     poison = torch.full((1 << 22,), float("nan"), device="cuda")
     del poison
-    for v, a in zip(vs, v0):
-        v.copy_(a)
-    for g, a in zip(gs, g0):
-        g.copy_(a)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(sigma, eager_s)
-    for a, b in zip(vs + gs, eager_v + eager_g):
-        assert torch.equal(a, b)
+    assert_replay_equals_eager(graph, sigma, vs + gs, v0 + g0, eager_s, eager_v + eager_g)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
