@@ -614,10 +614,13 @@ def _versions(device) -> dict:
         v["device_name"] = torch.cuda.get_device_name(device)
     else:
         v["device_name"] = platform.processor() or platform.machine()
-    for mod in ("sklearn", "mnist1d", "matplotlib", "tqdm"):
+    from importlib import metadata
+    # the installed distributions' versions (mnist1d has no __version__ attribute)
+    for mod, dist in (("sklearn", "scikit-learn"), ("mnist1d", "mnist1d"),
+                      ("matplotlib", "matplotlib"), ("tqdm", "tqdm")):
         try:
-            v[mod] = __import__(mod).__version__
-        except Exception:       # absent (or without a version): recorded as such
+            v[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:      # absent: recorded as such
             v[mod] = None
     return v
 
