@@ -201,12 +201,18 @@ def _check(weights, vs, grads, step: bool):
                             "full length cols on every rank, identical everywhere)")
     if grads is not None:
         grads = _checks.check_grads(weights, grads)
-        for i, (w, g) in enumerate(zip(weights, grads)):
-            if not isinstance(g, DTensor) or g.device_mesh != w.device_mesh or \
-                    tuple(g.placements) != tuple(w.placements):
-                raise ValueError(f"grads[{i}] must be a DTensor with the placements of "
-                                 f"weights[{i}] ({tuple(w.placements)}), got "
-                                 f"{tuple(g.placements) if isinstance(g, DTensor) else 'a plain tensor'}")
+    # the gradients the step adds into (explicit, or the existing .grad; a missing .grad is
+    # created like its weight) must be sharded like their weights
+    for i, (w, g) in enumerate(zip(weights, grads if grads is not None
+                                   else [w.grad for w in weights] if step else [])):
+        if g is None:
+            continue
+        if not isinstance(g, DTensor) or g.device_mesh != w.device_mesh or \
+                tuple(g.placements) != tuple(w.placements):
+            what = f"grads[{i}]" if grads is not None else f"weights[{i}].grad"
+            raise ValueError(f"{what} must be a DTensor with the placements of "
+                             f"weights[{i}] ({tuple(w.placements)}), got "
+                             f"{tuple(g.placements) if isinstance(g, DTensor) else 'a plain tensor'}")
     # the memory rule of every backend, on this rank's shards (the explicit grads, or the
     # existing .grad tensors, which the step writes; none is created before this check)
     gs = grads if grads is not None else [w.grad for w in weights] if step else []
@@ -217,6 +223,13 @@ def _check(weights, vs, grads, step: bool):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check(weights, vs, grads=None, step: bool = True) -> None:
+    """Every check of fused_step (step=True) or spectral_norms (step=False) for DTensor weights,
+    without computing anything (the regularizer checks each group of a step before it runs
+    any)."""
+    _check(weights, vs, grads, step)
 
 
 def fused_step(weights, vs, lam: float, n_iter: int, grads=None) -> torch.Tensor:

@@ -51,6 +51,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _checks, conv as _conv
+from . import distributed as _distributed
 from .distributed import is_dtensor
 from .functional import fused_step, resolve_backend, spectral_norms
 from .reference import init_vectors
@@ -157,7 +158,15 @@ def collect_weights(model: nn.Module, include_types: Sequence[type] = DEFAULT_MO
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, tuple(include_types)) or isinstance(mod, tuple(exclude_types)):
             continue
-        for key in _matrix_keys(mod):
+        keys = _matrix_keys(mod)
+        if not keys and isinstance(getattr(mod, "weight", None), torch.Tensor):
+            # a weight that is not a Parameter: never skipped without a word
+            name = f"{mod_name}.weight" if mod_name else "weight"
+            if not _matches(name, exclude_names) and (not include_names
+                                                      or _matches(name, include_names)):
+                raise ValueError(f"{name} ({type(mod).__name__}) is not a Parameter: "
+                                 f"{_not_a_parameter(mod, 'weight')}")
+        for key in keys:
             add(f"{mod_name}.{key}" if mod_name else key, mod, key, False)
     if include_params:
         for mod_name, mod in model.named_modules():
@@ -199,9 +208,18 @@ def _all_require_grad(params) -> bool:
 
 
 class _Binding:
-    """The tensors the names resolve to now, and what a step needs of them."""
+    """The tensors the names resolve to now, and what a step needs of them.
 
-    def __init__(self, generation, params, mods, keys, parametrized, sharded):
+    current() is the per-step test, in three parts, all metadata: no module was registered
+    anywhere since (the hooks' generation counter); every module on the way from the model to
+    a weight's module still has the same children under the same names (what ``del seq[0]`` or
+    a direct ``parent._modules[name] = new`` change without any hook: compared as two lists of
+    references per such module, a few microseconds); and each name still holds the same
+    Parameter (what fully_shard and to_empty change).  A device move that keeps the Parameters
+    (``model.to("cuda")`` sets ``param.data``) is caught by the device of the first and last
+    weights."""
+
+    def __init__(self, generation, params, mods, keys, parametrized, sharded, edges, probes):
         self.generation = generation
         self.params = params                # Parameter per weight; None where parametrized
         self.mods = mods                    # the owning modules
@@ -209,23 +227,80 @@ class _Binding:
         self.keys = keys
         self.parametrized = parametrized    # {index: module} of parametrized weights
         self.sharded = sharded              # indices of the weights that are DTensors now
+        self.tree = edges                   # [(module, its child names, its children)]
+        self.probes = probes                # [(Parameter, its device)] of the first and last
         # one fused_step call covers every weight (the common case: a fast path)
         self.uniform = not parametrized and len(sharded) in (0, len(params))
 
+    def modules_current(self) -> bool:
+        """No module registered since, and every module still where it was."""
+        if self.generation != _GENERATION[0]:
+            return False
+        for mod, names, children in self.tree:
+            d = mod._modules
+            if list(d) != names or list(d.values()) != children:
+                return False
+        return True
+
     def current(self) -> bool:
-        if torch.compiler.is_compiling():     # the same test in plain Python, for Dynamo
-            return self.generation == _GENERATION[0] and all(
-                d.get(k) is p for d, k, p in zip(self.dicts, self.keys, self.params))
-        return (self.generation == _GENERATION[0]
-                and all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.params)))
+        if not self.modules_current():
+            return False
+        if any(p.device != d for p, d in self.probes):
+            return False
+        if torch.compiler.is_compiling():
+            return all(d.get(k) is p for d, k, p in zip(self.dicts, self.keys, self.params))
+        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.params))
+
+
+def _edges(model: nn.Module, sites: List[_Site]):
+    """[(module, the names of its children, its children)] for every module on the way from the
+    model down to a site's module, each once (what _Binding.modules_current compares)."""
+    out, seen = [], set()
+    for site in sites:
+        mod = model
+        for part in site.path.split(".") if site.path else ():
+            if id(mod) not in seen:
+                seen.add(id(mod))
+                out.append((mod, list(mod._modules), list(mod._modules.values())))
+            mod = mod._modules[part]
+    return out
+
+
+def _not_a_parameter(mod: nn.Module, key: str) -> str:
+    """Why mod.key is not a Parameter, and what to do (an error message's second half)."""
+    t = getattr(mod, key, None)
+    if isinstance(t, torch.Tensor):
+        if key + "_orig" in mod._parameters or key + "_v" in mod._parameters:
+            return (f"it is a plain tensor computed by a forward pre-hook (the old "
+                    f"torch.nn.utils.weight_norm / spectral_norm API, which leaves no Parameter "
+                    f"named {key!r}): use torch.nn.utils.parametrizations.weight_norm / "
+                    f"spectral_norm, whose weights are regularized through the parametrization, "
+                    "or exclude this module")
+        return (f"it is a {type(t).__name__} that is not a Parameter (a buffer or plain "
+                "attribute): make it a Parameter, or exclude it")
+    return "it is gone; build a new regularizer (and load its state if the weights are the same)"
 
 
 class _ModelRef:
-    """Holds the model outside nn.Module's registration (not a submodule, not in state_dict)."""
-    __slots__ = ("model",)
+    """Holds the model outside nn.Module's registration (not a submodule, not in state_dict).
 
-    def __init__(self, model):
-        self.model = model
+    After a deepcopy the model to follow is decided at the first use, not during the copy: a
+    container that holds the regularizer before the model (``self.reg`` assigned before
+    ``self.net``) copies the regularizer first, when the model's copy does not exist yet.  The
+    deepcopy's memo is kept until then (it maps the originals to their copies): the model's copy
+    if the same deepcopy made one, else the original model."""
+    __slots__ = ("_model", "_memo")
+
+    def __init__(self, model, memo=None):
+        self._model = model
+        self._memo = memo
+
+    @property
+    def model(self):
+        if self._memo is not None:
+            self._model = self._memo.get(id(self._model), self._model)
+            self._memo = None
+        return self._model
 
     def __deepcopy__(self, memo):
         return self
@@ -303,9 +378,14 @@ class SpectralNormRegularizer(nn.Module):
         for); its weights must have the same names and matrix shapes."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        old_model, old_binding = self._model, self._binding
         self._model = _ModelRef(model)
         self._binding = None
-        self._bind()
+        try:
+            self._bind()
+        except RuntimeError as exc:     # keep following the model it followed
+            self._model, self._binding = old_model, old_binding
+            raise RuntimeError(f"cannot attach this model: {exc}") from None
         if self._conv is not None:
             self._conv.watch(self, model)
         return self
@@ -321,11 +401,10 @@ class SpectralNormRegularizer(nn.Module):
                 "this SpectralNormRegularizer follows no model (it was unpickled, and a pickle "
                 "keeps no model): call reg.attach(model) with the model to follow")
         generation = _GENERATION[0]
-        # No module or submodule was registered since the last binding: the module of every
-        # site is the same object, so only its Parameter is read again (cheap: FSDP2 swaps
-        # sharded and unsharded Parameters this way around each forward).  Otherwise resolve
-        # every name from the model.
-        same_modules = b is not None and b.generation == generation
+        # No module was registered or moved since the last binding: the module of every site is
+        # the same object, so only its Parameter is read again (cheap: FSDP2 swaps sharded and
+        # unsharded Parameters this way around each forward).  Otherwise resolve every name.
+        same_modules = b is not None and b.modules_current()
         found = []
         for i, site in enumerate(self._sites):
             if same_modules:
@@ -344,9 +423,8 @@ class SpectralNormRegularizer(nn.Module):
             elif isinstance(p, nn.Parameter):
                 w = p
             else:
-                raise RuntimeError(
-                    f"{site.name} is no longer a parameter of the model (it is "
-                    f"{type(p).__name__ if p is not None else 'gone'}); build a new regularizer")
+                raise RuntimeError(f"{site.name} is no longer a parameter of the model: "
+                                   f"{_not_a_parameter(mod, site.key)}")
             shape = _checks.matrix_shape(w)
             if shape != self._shapes[i]:
                 raise RuntimeError(
@@ -354,6 +432,16 @@ class SpectralNormRegularizer(nn.Module):
                     f"{shape[0]} x {shape[1]} matrix after the regularizer was built, so its "
                     "vector no longer fits: build a new regularizer")
             found.append((mod, None if is_param else p, is_param, w))
+        # tied after the regularizer was built (one Parameter under two names)
+        seen = {}
+        for i, (_, p, _, _) in enumerate(found):
+            if p is not None and id(p) in seen:
+                raise RuntimeError(
+                    f"{self.names[seen[id(p)]]} and {self.names[i]} are now the same Parameter "
+                    "(tied after the regularizer was built): build a new regularizer, which "
+                    "collects a tied weight once")
+            if p is not None:
+                seen[id(p)] = i
         # every name resolved and fits: only now change anything
         params, mods, parametrized, sharded = [], [], {}, set()
         for i, (mod, p, is_param, w) in enumerate(found):
@@ -365,8 +453,9 @@ class SpectralNormRegularizer(nn.Module):
             params.append(p)
             mods.append(mod)
         device = found[0][3].device
+        probes = [(p, p.device) for p in (params[0], params[-1]) if p is not None]
         self._binding = _Binding(generation, params, mods, [s.key for s in self._sites],
-                                 parametrized, sharded)
+                                 parametrized, sharded, _edges(model, self._sites), probes)
         if self.last_sigma.device != device:
             self.last_sigma = (torch.zeros_like(self.last_sigma, device=device)
                                if self.last_sigma.device.type == "meta"
@@ -442,18 +531,35 @@ class SpectralNormRegularizer(nn.Module):
                                  "or build a new regularizer")
         if self._conv is not None:
             self._conv.before_load(self, state_dict, prefix)
+        # A regularizer built on a meta-device model (then to_empty) still holds meta vectors:
+        # copying into those is a no-op (torch only warns), and the first step would draw them
+        # again from the seed, losing the checkpoint.  Give each one real storage first, on the
+        # loaded tensor's device (the next step moves it to its weight's device).
+        bufs = self.vectors._buffers
+        for key in self._keys:
+            v, new = bufs[key], state_dict.get(f"{prefix}vectors.{key}")
+            if v.device.type == "meta" and isinstance(new, torch.Tensor) \
+                    and new.device.type != "meta":
+                bufs[key] = torch.empty(v.shape, dtype=v.dtype, device=new.device)
+        new = state_dict.get(f"{prefix}last_sigma")
+        if self.last_sigma.device.type == "meta" and isinstance(new, torch.Tensor) \
+                and new.device.type != "meta":
+            self.last_sigma = torch.empty_like(self.last_sigma, device=new.device)
+        # the vectors may now be on another device than their weights: bind again at the next
+        # step (which moves them)
+        self._binding = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __deepcopy__(self, memo):
-        # A copy follows the same model (the model is not copied with it); if the model was
-        # copied in the same deepcopy before the regularizer, the copy follows the model's copy.
+        # A copy follows the same model (the model is not copied with it), unless the same
+        # deepcopy copies the model too, before or after the regularizer: then it follows the
+        # model's copy (decided at its first use, _ModelRef).
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         model = self._model.model if self._model is not None else None
         for k, v in self.__dict__.items():
             if k == "_model":
-                new.__dict__[k] = (_ModelRef(memo[id(model)]) if model is not None
-                                   and id(model) in memo else v)
+                new.__dict__[k] = _ModelRef(model, memo) if model is not None else v
             elif k in ("_binding",):
                 new.__dict__[k] = None
             elif k == "_index_cache":
@@ -472,7 +578,11 @@ class SpectralNormRegularizer(nn.Module):
 
     @property
     def active_backend(self) -> str:
-        """The backend ``step()`` runs with for the weights as they are now."""
+        """The backend ``step()`` runs with for the weights as they are now ("distributed" for
+        DTensor weights: spectral_ext/distributed.py, whatever ``backend`` says)."""
+        b = self._bind()
+        if b.sharded:
+            return "distributed"
         return resolve_backend(self.weights, self.backend)
 
     # ---- the two ways to use it ---------------------------------------------------------------
@@ -496,9 +606,27 @@ class SpectralNormRegularizer(nn.Module):
         order, parts = self._matricized_step(b, vs, active)
         return self._record(active, order, parts)
 
+    def _check_sharded(self, groups, weights, vs, step: bool) -> None:
+        """The DTensor groups' checks, before any group runs (a later group's error must not
+        come after an earlier group changed gradients and vectors), with the weights' names in
+        the message instead of their position in the group."""
+        for (_, sharded), idx in groups:
+            if not sharded:
+                continue
+            try:
+                _distributed.check([weights[i] for i in idx], [vs[i] for i in idx], step=step)
+            except (TypeError, ValueError) as exc:
+                msg = re.sub(r"\b(weights|vs|grads)\[(\d+)\]",
+                             lambda m: f"{m.group(1)}[{self.names[idx[int(m.group(2))]]!r}]",
+                             str(exc))
+                raise type(exc)(f"the sharded (DTensor) weights: {msg}") from None
+
     def _matricized_step(self, b: _Binding, vs, active: List[int]):
         order, parts = [], []
-        for (para, _), idx in self._groups(b, active):
+        groups = self._groups(b, active)
+        if b.sharded:
+            self._check_sharded(groups, self._weights_now(b), vs, step=True)
+        for (para, _), idx in groups:
             if para:     # through the parametrization: autograd carries the gradient back
                 with torch.enable_grad():
                     ws = [getattr(b.parametrized[i], self._sites[i].key) for i in idx]
@@ -541,7 +669,9 @@ class SpectralNormRegularizer(nn.Module):
             active_mat = [i for i in active if i not in self._conv.set]
         else:
             active_mat = active
-        for (_, sharded), idx in self._groups(b, active_mat, by_parametrization=False):
+        groups = self._groups(b, active_mat, by_parametrization=False)
+        self._check_sharded(groups, weights, vs, step=False)
+        for (_, sharded), idx in groups:
             parts.append(spectral_norms([weights[i] for i in idx], [vs[i] for i in idx],
                                         self.n_iter, backend=self.backend))
             order += idx

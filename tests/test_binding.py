@@ -71,6 +71,46 @@ def test_meta_init_then_to_empty():
     assert all(torch.equal(a, b) for a, b in zip(reg2.vs(), fresh))
 
 
+def test_checkpoint_loaded_after_a_meta_init_is_kept():
+    """Resuming with a meta-device init: the regularizer's checkpoint, loaded after to_empty and
+    before any step, is what the next step uses (copying into the meta vectors was a no-op, and
+    the first step drew them again from the seed)."""
+    model = _mlp()
+    reg = se.SpectralNormRegularizer(model, lam=0.5)
+    for _ in range(3):
+        reg.step()
+    ckpt_m, ckpt_r = model.state_dict(), copy.deepcopy(reg.state_dict())
+    with torch.device("meta"):
+        m2 = _mlp()
+    r2 = se.SpectralNormRegularizer(m2, lam=0.5)
+    m2.to_empty(device="cpu")
+    m2.load_state_dict(ckpt_m)
+    r2.load_state_dict(ckpt_r)
+    assert torch.equal(r2.sigmas(), ckpt_r["last_sigma"])
+    for name, v in zip(r2._keys, r2.vs()):
+        assert torch.equal(v, ckpt_r[f"vectors.{name}"])     # loaded, not drawn from the seed
+    _check_step_regularizes(m2, r2)              # and the step starts from them
+
+
+def test_deepcopy_of_a_container_holding_the_regularizer_before_the_model():
+    """A module that registers the regularizer before the model: deepcopy copies the regularizer
+    first, when the model's copy does not exist yet; the copy must still follow the copy."""
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            net = _mlp()
+            self.reg = se.SpectralNormRegularizer(net, lam=0.4)   # registered first
+            self.net = net
+
+    w = Wrapper()
+    w2 = copy.deepcopy(w)
+    assert w2.reg.weights[0] is w2.net[0].weight
+    _check_step_regularizes(w2.net, w2.reg)
+    assert all(p.grad is None for p in w.net.parameters())
+    r, m = copy.deepcopy((w.reg, w.net))           # the same, in a tuple
+    assert r.weights[1] is m[2].weight
+
+
 def test_deepcopy_of_the_regularizer_follows_the_same_model():
     model = _mlp()
     reg = copy.deepcopy(se.SpectralNormRegularizer(model, lam=0.4))
@@ -109,6 +149,84 @@ def test_swapped_submodule_is_followed():
     model[2] = nn.Linear(7, 3)                    # same name, same shape, a new module
     assert reg.weights[1] is model[2].weight
     _check_step_regularizes(model, reg)
+
+
+@pytest.mark.parametrize("how", ["del", "modules_dict"])
+def test_submodule_moved_without_a_registration_hook_is_noticed(how):
+    """del seq[0] renumbers a Sequential's children, and parent._modules[name] = new (what
+    torch.ao.quantization's convert does) swaps one: neither fires a registration hook.  The
+    step must follow the module now under each name, or raise; never regularize the old one."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    reg = se.SpectralNormRegularizer(model, lam=0.5)
+    new = nn.Linear(4, 4)                          # built before the last step: no hook after
+    reg.step()
+    old = list(model)
+    for m in old:
+        m.weight.grad = None
+    if how == "del":
+        del model[0]
+        with pytest.raises(RuntimeError, match="2.weight no longer resolves"):
+            reg.step()
+    else:
+        model._modules["1"] = new
+        assert reg.weights[1] is new.weight
+        _check_step_regularizes(model, reg)
+        old = old[1:2]                             # the one no longer in the model
+    assert all(m.weight.grad is None for m in old)
+
+
+def test_device_move_that_keeps_the_parameters_is_followed():
+    """model.to(device) between CPU and CUDA keeps each Parameter object (it sets .data); the
+    vectors must follow anyway.  Emulated on CPU -> meta with the swap-tensors flag, which keeps
+    the Parameters too."""
+    model = _mlp()
+    reg = se.SpectralNormRegularizer(model, lam=0.5)
+    reg.step()
+    p = model[0].weight
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+    assert model[0].weight is p and p.device.type == "meta"
+    reg.step()
+    assert all(v.device.type == "meta" for v in reg.vs())
+
+
+def test_attach_that_fails_keeps_the_model_it_followed():
+    model = _mlp()
+    reg = se.SpectralNormRegularizer(model, lam=0.5)
+    reg.step()
+    with pytest.raises(RuntimeError, match=r"cannot attach this model: 2.weight changed from a "
+                       r"3 x 7 to a 4 x 7 matrix"):
+        reg.attach(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 4)))
+    _check_step_regularizes(model, reg)
+
+
+def test_weights_tied_after_building_raise():
+    tied = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 5))
+    reg = se.SpectralNormRegularizer(tied)
+    tied[1].weight = tied[0].weight
+    with pytest.raises(RuntimeError, match=r"0.weight and 1.weight are now the same Parameter"):
+        reg.step()
+
+
+def test_hook_based_weight_norm_is_refused_not_skipped():
+    """The old torch.nn.utils.weight_norm leaves no Parameter named weight (it is computed by a
+    forward pre-hook): never skipped without a word, at construction or after."""
+    model = _mlp()
+    torch.nn.utils.weight_norm(model[0])
+    with pytest.raises(ValueError, match=r"0.weight \(Linear\) is not a Parameter: .*forward "
+                       r"pre-hook .*parametrizations.weight_norm"):
+        se.SpectralNormRegularizer(model)
+    assert se.SpectralNormRegularizer(model, exclude_names="0").names == ["2.weight"]
+    model = _mlp()
+    reg = se.SpectralNormRegularizer(model)
+    torch.nn.utils.weight_norm(model[2])
+    with pytest.raises(RuntimeError, match=r"2.weight is no longer a parameter of the model: it "
+                       r"is a plain tensor computed by a forward pre-hook"):
+        reg.step()
 
 
 def test_unsound_changes_raise_before_anything_changes():

@@ -111,7 +111,7 @@ def test_hsdp_and_2d_meshes_on_4_ranks():
 
 def _bad_input(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     mesh = init_device_mesh("cpu", (world,))
     w = distribute_tensor(torch.randn(4, 3, 2, 2), mesh, [Shard(0)])
     plain = torch.randn(4, 3)
@@ -145,6 +145,33 @@ def _bad_input(rank, world):
     alias = DTensor.from_local(g.to_local(), mesh, [Shard(0)], run_check=False,
                                shape=g.shape, stride=g.stride())
     refused([w, w2], r"grads\[0\] and grads\[1\] overlap in memory", grads=[g, alias])
+    # an existing .grad sharded unlike its weight: refused before anything is written
+    wa = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    wb = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+    wa.grad = distribute_tensor(torch.zeros(4, 3), mesh, [Shard(0)])
+    wb.grad = distribute_tensor(torch.zeros(4, 3), mesh, [Replicate()])
+    vs = se.init_vectors([torch.zeros(4, 3)] * 2)
+    v0 = [v.clone() for v in vs]
+    with pytest.raises(ValueError, match=r"weights\[1\].grad must be a DTensor with the "
+                       r"placements of weights\[1\]"):
+        se.fused_step([wa, wb], vs, lam=1.0)
+    assert not wa.grad.to_local().any() and all(map(torch.equal, vs, v0))
+    # a regularizer over plain and sharded weights: every group is checked before any runs,
+    # and the error names the weight (not its position in the group)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    net[1].weight = nn.Parameter(distribute_tensor(net[1].weight.detach(), mesh, [Shard(0)]))
+    net[2].weight = nn.Parameter(distribute_tensor(net[2].weight.detach().reshape(4, 2, 2),
+                                                   mesh, [Shard(2)]))
+    net[2].weight.grad = None
+    reg = se.SpectralNormRegularizer(net, lam=0.5)
+    assert reg.active_backend == "distributed"
+    net[0].weight.grad = g0 = torch.zeros(4, 3)
+    vs0 = [v.clone() for v in reg.vs()]
+    for call in (reg.step, reg.penalty):
+        with pytest.raises(ValueError, match=r"the sharded \(DTensor\) weights: "
+                           r"weights\['2.weight'\] is sharded on tensor dim 2"):
+            call()
+        assert not g0.any() and all(map(torch.equal, reg.vs(), vs0))
     # the edge rules of spectral_ext.reference: a zero matrix gives sigma 0 and keeps v bit for
     # bit, in v's own dtype (a float64 v of a float32 layer is not rounded to float32)
     zero = distribute_tensor(torch.zeros(5, 3), mesh, [Shard(0)])
