@@ -94,11 +94,40 @@ def _fused_step_fake(weights, vs, grads, lam, n_iter):
     return _sigma_like(weights)
 
 
+def _shared_outputs(weights, vs, v_dtypes_shared):
+    """us and vs_new as the GPU kernels return them: per weight dtype, the us are disjoint views
+    of one buffer, and so are the vs_new of each v dtype in ``v_dtypes_shared`` (others are
+    tensors of their own).  (The fake kernels must reproduce which outputs share a storage.)"""
+    us, vs_new = [None] * len(weights), [None] * len(weights)
+    groups = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w.dtype, []).append(i)
+    for dtype, idx in groups.items():
+        rows = [weights[i].shape[0] for i in idx]
+        U = weights[idx[0]].new_empty((sum(rows),), dtype=_checks.acc_dtype(dtype))
+        for i, u in zip(idx, U.split(rows)):
+            us[i] = u
+        for vdt in {vs[i].dtype for i in idx}:
+            sub = [i for i in idx if vs[i].dtype == vdt]
+            if vdt not in v_dtypes_shared:
+                for i in sub:
+                    vs_new[i] = vs[i].new_empty(vs[i].shape)
+                continue
+            cols = [vs[i].shape[0] for i in sub]
+            V = vs[sub[0]].new_empty((sum(cols),))
+            for i, v in zip(sub, V.split(cols)):
+                vs_new[i] = v
+    return us, vs_new
+
+
 @torch.library.register_fake("spectral_ext::spectral_norms")
 def _spectral_norms_fake(weights, vs, n_iter):
     _checks.check_weights_and_vectors(weights, vs)
-    us = [w.new_empty((w.shape[0],), dtype=_checks.acc_dtype(w.dtype)) for w in weights]
-    vs_new = [v.new_empty(v.shape) for v in vs]
+    if weights[0].device.type == "cuda":   # the CUDA kernel: views of one buffer per dtype
+        us, vs_new = _shared_outputs(weights, vs, (torch.float32, torch.float64))
+    else:
+        us = [w.new_empty((w.shape[0],), dtype=_checks.acc_dtype(w.dtype)) for w in weights]
+        vs_new = [v.new_empty(v.shape) for v in vs]
     return _sigma_like(weights), us, vs_new
 
 
@@ -244,9 +273,9 @@ else:
     @torch.library.register_fake("spectral_ext::spectral_norms_triton")
     def _spectral_norms_triton_fake(weights, vs, n_iter):
         _checks.check_no_overlap(weights, vs, None)
-        us = [w.new_empty((w.shape[0],), dtype=torch.float32) for w in weights]
-        return (weights[0].new_empty((len(weights),), dtype=torch.float32), us,
-                [v.new_empty(v.shape) for v in vs])
+        # float64 vectors come back as tensors of their own (torch.where), float32 ones as views
+        us, vs_new = _shared_outputs(weights, vs, (torch.float32,))
+        return weights[0].new_empty((len(weights),), dtype=torch.float32), us, vs_new
 
     @torch.library.register_fake("spectral_ext::spectral_norms_backward_triton")
     def _spectral_norms_backward_triton_fake(grad_sigma, us, vs, grads, accumulate):
