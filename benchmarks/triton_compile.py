@@ -33,7 +33,9 @@ FINALIZE = dict(tile_layer="*i32", tile_start="*i32", v_tab="*i64", g_tab="*i64"
                 rows_tab="*i64", cols_tab="*i64", ldg_tab="*i64", uoff_tab="*i64",
                 voff_tab="*i64", pstart_tab="*i64", pcount_tab="*i64", layer_out="*i64",
                 u_raw="*fp32", v_prime="*fp32", u_norm="*fp64", partial_v2="*fp64",
-                sigma_out="*fp32", v_updated="*i32", lam="fp32")
+                sigma_out="*fp32", v_updated="*i32", lam="fp32", u_out="*fp32")
+# spectral_norms' backward: the scale per layer is read from device memory
+FINALIZE_SCALED = dict(FINALIZE, lam="*fp32")
 
 
 def variants():
@@ -46,6 +48,16 @@ def variants():
             out.append(("_finalize_kernel", FINALIZE,
                         dict(G_DTYPE=dt, UPDATE_GRAD=update, TRACK_UPDATES=track,
                              BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P)))
+        # spectral_norms: the last iteration writes u (earlier ones are the variants above)
+        for track in (True, False):
+            out.append(("_finalize_kernel", FINALIZE,
+                        dict(G_DTYPE=dt, UPDATE_GRAD=False, TRACK_UPDATES=track,
+                             BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, WRITE_U=True)))
+        # spectral_norms' backward: the gradient phase alone, overwriting the gradient
+        out.append(("_finalize_kernel", FINALIZE_SCALED,
+                    dict(G_DTYPE=dt, UPDATE_GRAD=True, TRACK_UPDATES=False, BLOCK_R=BLOCK_R,
+                         BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, FINALIZE=False, SCALE_PER_LAYER=True,
+                         ACCUMULATE=False)))
     return out
 
 

@@ -10,14 +10,29 @@ Ops (namespace ``spectral_ext``):
     Functional: ``(sigma [L], us, vs_new)``; mutates nothing.  Differentiable in the weights with
     dsigma_l/dW_l = u_l v_l^T (u, v held constant, as in the paper).
 
+``spectral_norms_backward(Tensor grad_sigma, Tensor[] us, Tensor[] vs, Tensor(a!)[] grads, bool accumulate) -> ()``
+    The backward of spectral_norms: ``grads[l] (+)= grad_sigma[l] * u_l v_l^T`` in place for every
+    layer (overwritten unless ``accumulate``); one launch per gradient dtype on CUDA.
+
 ``fused_step_triton(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, int n_iter) -> Tensor``
     The same step with the Triton kernels (registered only when Triton imports; float32 sigma).
 
+``spectral_norms_triton`` / ``spectral_norms_backward_triton``
+    spectral_norms and its backward with the Triton kernels (same schemas; registered only when
+    Triton imports; float32 sigma and us).
+
 Kernels: the C++ extension ``spectral_ext._C`` registers CPU kernels when it loads, and CUDA kernels
-of ``fused_step`` when it was built with nvcc (csrc/cuda/); the pure-PyTorch reference is
+of ``fused_step``, ``spectral_norms`` and ``spectral_norms_backward`` when it was built with nvcc
+(csrc/cuda/); the pure-PyTorch reference is
 registered as the default kernel, so the ops run on any device.  Outputs: sigma is
 float32, or float64 if any weight is float64; us are in each layer's accumulation dtype (float64
-for float64 weights, else float32); vs_new in the dtype of each v.
+for float64 weights, else float32); vs_new in the dtype of each v.  The GPU kernels return us and
+vs_new as disjoint views of one buffer per weight dtype (no per-layer allocation or copy).
+
+The autograd formula of spectral_norms runs the fused backward (one launch) on CUDA tensors when
+the CUDA kernels are built (the Triton op: its Triton backward), in eager mode; under
+torch.compile (traced, then fused by Inductor) and during CUDA-graph capture (the fused backward
+builds a table per call) it is the reference formula, as on the CPU.
 """
 
 from __future__ import annotations
@@ -31,9 +46,12 @@ _LIB.define("fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, f
             "int n_iter) -> Tensor")
 _LIB.define("spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter) "
             "-> (Tensor, Tensor[], Tensor[])")
+_LIB.define("spectral_norms_backward(Tensor grad_sigma, Tensor[] us, Tensor[] vs, "
+            "Tensor(a!)[] grads, bool accumulate) -> ()")
 
 fused_step = torch.ops.spectral_ext.fused_step
 spectral_norms = torch.ops.spectral_ext.spectral_norms
+spectral_norms_backward = torch.ops.spectral_ext.spectral_norms_backward
 
 
 # ---- default kernels: the reference, for every device without a kernel of its own -------------
@@ -48,8 +66,20 @@ def _spectral_norms_default(weights, vs, n_iter):
     return reference.spectral_norms_values(weights, vs, _checks.check_n_iter(n_iter))
 
 
+def _spectral_norms_backward_default(grad_sigma, us, vs, grads, accumulate):
+    """The reference formula, one layer at a time (the fallback and the oracle)."""
+    with torch.no_grad():
+        for i, (u, v, g) in enumerate(zip(us, vs, grads)):
+            d = (grad_sigma[i].to(u.dtype) * torch.outer(u, v.to(u.dtype))).reshape(g.shape)
+            if accumulate:
+                g.add_(d.to(g.dtype))
+            else:
+                g.copy_(d)
+
+
 _LIB.impl("fused_step", _fused_step_default, "CompositeExplicitAutograd")
 _LIB.impl("spectral_norms", _spectral_norms_default, "CompositeExplicitAutograd")
+_LIB.impl("spectral_norms_backward", _spectral_norms_backward_default, "CompositeExplicitAutograd")
 
 
 # ---- fake (meta) implementations, for torch.compile and FakeTensor ------------------------------
@@ -64,12 +94,46 @@ def _fused_step_fake(weights, vs, grads, lam, n_iter):
     return _sigma_like(weights)
 
 
+def _shared_outputs(weights, vs, v_dtypes_shared):
+    """us and vs_new as the GPU kernels return them: per weight dtype, the us are disjoint views
+    of one buffer, and so are the vs_new of each v dtype in ``v_dtypes_shared`` (others are
+    tensors of their own).  (The fake kernels must reproduce which outputs share a storage.)"""
+    us, vs_new = [None] * len(weights), [None] * len(weights)
+    groups = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w.dtype, []).append(i)
+    for dtype, idx in groups.items():
+        rows = [weights[i].shape[0] for i in idx]
+        U = weights[idx[0]].new_empty((sum(rows),), dtype=_checks.acc_dtype(dtype))
+        for i, u in zip(idx, U.split(rows)):
+            us[i] = u
+        for vdt in {vs[i].dtype for i in idx}:
+            sub = [i for i in idx if vs[i].dtype == vdt]
+            if vdt not in v_dtypes_shared:
+                for i in sub:
+                    vs_new[i] = vs[i].new_empty(vs[i].shape)
+                continue
+            cols = [vs[i].shape[0] for i in sub]
+            V = vs[sub[0]].new_empty((sum(cols),))
+            for i, v in zip(sub, V.split(cols)):
+                vs_new[i] = v
+    return us, vs_new
+
+
 @torch.library.register_fake("spectral_ext::spectral_norms")
 def _spectral_norms_fake(weights, vs, n_iter):
     _checks.check_weights_and_vectors(weights, vs)
-    us = [w.new_empty((w.shape[0],), dtype=_checks.acc_dtype(w.dtype)) for w in weights]
-    vs_new = [v.new_empty(v.shape) for v in vs]
+    if weights[0].device.type == "cuda":   # the CUDA kernel: views of one buffer per dtype
+        us, vs_new = _shared_outputs(weights, vs, (torch.float32, torch.float64))
+    else:
+        us = [w.new_empty((w.shape[0],), dtype=_checks.acc_dtype(w.dtype)) for w in weights]
+        vs_new = [v.new_empty(v.shape) for v in vs]
     return _sigma_like(weights), us, vs_new
+
+
+@torch.library.register_fake("spectral_ext::spectral_norms_backward")
+def _spectral_norms_backward_fake(grad_sigma, us, vs, grads, accumulate):
+    return None
 
 
 # ---- autograd of spectral_norms: dsigma_l / dW_l = u_l v_l^T ------------------------------------
@@ -79,21 +143,41 @@ def _spectral_norms_setup_context(ctx, inputs, output):
     _, us, vs_new = output
     ctx.save_for_backward(*us, *vs_new)
     ctx.meta = [(w.shape, w.dtype) for w in weights]
+    ctx.device = weights[0].device
 
 
-def _spectral_norms_backward(ctx, grad_sigma, grad_us, grad_vs):
-    # u and v are treated as constants (the paper's gradient); grad_us / grad_vs are ignored.
-    n = len(ctx.meta)
-    saved = ctx.saved_tensors
-    us, vs = saved[:n], saved[n:]
-    grads = []
-    for i, ((shape, dtype), u, v) in enumerate(zip(ctx.meta, us, vs)):
-        g = grad_sigma[i].to(u.dtype) * torch.outer(u, v.to(u.dtype))
-        grads.append(g.reshape(shape).to(dtype))
-    return grads, [None] * n, None
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-torch.library.register_autograd("spectral_ext::spectral_norms", _spectral_norms_backward,
+def _make_backward(fused_op, fused_available):
+    """The autograd formula: u and v are constants (the paper's gradient; grad_us / grad_vs are
+    ignored).  ``fused_op`` (one launch for every layer) when ``fused_available(device)`` and
+    not compiling or capturing, else the reference formula, one layer at a time."""
+    def backward(ctx, grad_sigma, grad_us, grad_vs):
+        n = len(ctx.meta)
+        saved = ctx.saved_tensors
+        us, vs = list(saved[:n]), list(saved[n:])
+        if fused_available(ctx.device) and not torch.compiler.is_compiling() \
+                and not _capturing(ctx.device):
+            grads = [torch.empty(shape, dtype=dtype, device=ctx.device)
+                     for shape, dtype in ctx.meta]
+            fused_op(grad_sigma, us, vs, grads, False)
+            return grads, [None] * n, None
+        grads = []
+        for i, ((shape, dtype), u, v) in enumerate(zip(ctx.meta, us, vs)):
+            g = grad_sigma[i].to(u.dtype) * torch.outer(u, v.to(u.dtype))
+            grads.append(g.reshape(shape).to(dtype))
+        return grads, [None] * n, None
+    return backward
+
+
+def _cuda_backward_available(device) -> bool:
+    return device.type == "cuda" and CUDA_KERNELS_ERROR is None
+
+
+torch.library.register_autograd("spectral_ext::spectral_norms",
+                                _make_backward(spectral_norms_backward, _cuda_backward_available),
                                 setup_context=_spectral_norms_setup_context)
 
 
@@ -161,3 +245,43 @@ else:
         # storages: the memory-overlap check runs here, on the fake tensors
         _checks.check_no_overlap(weights, vs, grads)
         return weights[0].new_empty((len(weights),), dtype=torch.float32)
+
+
+    # spectral_norms with the Triton kernels: defined like spectral_norms (not custom_op, whose
+    # runtime check refuses outputs that share a storage: us and vs_new are disjoint views of
+    # one buffer per dtype), opaque to torch.compile for the reason given above.
+    _LIB.define("spectral_norms_triton(Tensor[] weights, Tensor[] vs, int n_iter) "
+                "-> (Tensor, Tensor[], Tensor[])")
+    _LIB.define("spectral_norms_backward_triton(Tensor grad_sigma, Tensor[] us, Tensor[] vs, "
+                "Tensor(a!)[] grads, bool accumulate) -> ()")
+    spectral_norms_triton = torch.ops.spectral_ext.spectral_norms_triton
+    spectral_norms_backward_triton = torch.ops.spectral_ext.spectral_norms_backward_triton
+
+    def _spectral_norms_triton_impl(weights, vs, n_iter):
+        """spectral_norms with the Triton kernels; the caller has checked the inputs."""
+        from .triton_kernels import spectral_norms_forward
+        return spectral_norms_forward(weights, vs, n_iter)
+
+    def _spectral_norms_backward_triton_impl(grad_sigma, us, vs, grads, accumulate):
+        from .triton_kernels import spectral_norms_backward as _backward
+        _backward(grad_sigma, us, vs, grads, accumulate)
+
+    _LIB.impl("spectral_norms_triton", _spectral_norms_triton_impl, "CompositeExplicitAutograd")
+    _LIB.impl("spectral_norms_backward_triton", _spectral_norms_backward_triton_impl,
+              "CompositeExplicitAutograd")
+
+    @torch.library.register_fake("spectral_ext::spectral_norms_triton")
+    def _spectral_norms_triton_fake(weights, vs, n_iter):
+        _checks.check_no_overlap(weights, vs, None)
+        # float64 vectors come back as tensors of their own (torch.where), float32 ones as views
+        us, vs_new = _shared_outputs(weights, vs, (torch.float32,))
+        return weights[0].new_empty((len(weights),), dtype=torch.float32), us, vs_new
+
+    @torch.library.register_fake("spectral_ext::spectral_norms_backward_triton")
+    def _spectral_norms_backward_triton_fake(grad_sigma, us, vs, grads, accumulate):
+        return None
+
+    torch.library.register_autograd(
+        "spectral_ext::spectral_norms_triton",
+        _make_backward(spectral_norms_backward_triton, lambda device: True),
+        setup_context=_spectral_norms_setup_context)

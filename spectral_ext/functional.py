@@ -259,9 +259,11 @@ def spectral_norms_with_vectors(weights, vs, n_iter: int = 1, *, backend: str = 
     name = resolve_backend(weights, backend)
     if not weights:
         return torch.empty(0), [], []
-    if name in ("reference", "cuda", "triton"):   # no GPU kernel for the functional op (yet)
+    if name == "reference":
         sigma, us, vs_new = reference.spectral_norms(weights, vs, n_iter)
-    else:
+    elif name == "triton":
+        sigma, us, vs_new = _ops.spectral_norms_triton(weights, [v.detach() for v in vs], n_iter)
+    else:   # cpu, cuda: the op's kernel for the weights' device (and its fused backward on CUDA)
         sigma, us, vs_new = _ops.spectral_norms(weights, [v.detach() for v in vs], n_iter)
     if update:
         with torch.no_grad():

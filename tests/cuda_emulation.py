@@ -12,6 +12,7 @@ Needs the CUDA headers (cuda_fp16.h, cuda_runtime_api.h) and libcudart_static.a,
 import os
 import random
 import tempfile
+import zlib
 
 import torch
 
@@ -35,7 +36,9 @@ def load():
     """torch.ops.spectral_ext_emu (building it on first use); raises if it cannot be built."""
     if "ops" not in _state:
         from torch.utils import cpp_extension
-        build = os.path.join(tempfile.gettempdir(), f"spectral_ext_cuda_emu_{os.getuid()}")
+        # one build folder per checkout: worktrees side by side must not load each other's build
+        build = os.path.join(tempfile.gettempdir(), f"spectral_ext_cuda_emu_{os.getuid()}_"
+                             f"{zlib.crc32(ROOT.encode()):08x}")
         os.makedirs(build, exist_ok=True)
         flags = ["-DSPECTRAL_EXT_EMULATE", "-O2", "-g0", "-std=c++20", "-Wno-unknown-pragmas"]
         cpp_extension.load(

@@ -207,13 +207,13 @@ def test_edge_cases_match_reference(backend):
 def test_spectral_norms_op_matches_reference(backend):
     _skip_float64_weights(backend)
     name, dev = backend
-    if name == "cuda-emulated":
-        pytest.skip("spectral_norms has no CUDA kernel (backend 'cuda' runs the reference); "
-                    "the emulation covers fused_step only")
     weights = [torch.randn(s, device=dev) for s in SHAPES] + [torch.randn(3, 4, device=dev).double()]
     vs = se.init_vectors(weights)
-    s, us, vn = se.spectral_norms_with_vectors(weights, [v.clone() for v in vs], 3, backend=name,
-                                               update=False)
+    if name == "cuda-emulated":   # the CUDA kernel of the op (tests/test_spectral_norms_gpu.py)
+        s, us, vn = cuda_emulation.load().spectral_norms(weights, [v.clone() for v in vs], 3)
+    else:
+        s, us, vn = se.spectral_norms_with_vectors(weights, [v.clone() for v in vs], 3,
+                                                   backend=name, update=False)
     s_ref, us_ref, vn_ref = reference.spectral_norms(weights, vs, 3)
     assert_rel_close(s, s_ref, 2e-5, "sigma")
     for a, b in zip(us + vn, us_ref + vn_ref):

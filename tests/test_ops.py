@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import spectral_ext as se
-from spectral_ext import reference
+from spectral_ext import _ops, reference
 
 from conftest import assert_rel_close
 
@@ -32,6 +32,31 @@ def test_kernels_are_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta")       # fake impl
         if "cpu" in NATIVE:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+    for op in ("spectral_ext::fused_step", "spectral_ext::spectral_norms",
+               "spectral_ext::spectral_norms_backward"):
+        if _ops.CUDA_KERNELS_ERROR is None:     # built with nvcc: the CUDA kernels registered
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+    op = "spectral_ext::spectral_norms_backward"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeExplicitAutograd")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_opcheck_spectral_norms_backward(accumulate):
+    ws = _weights()
+    _, us, vs = reference.spectral_norms_values(ws, se.init_vectors(ws), 2)
+    grads = [torch.randn_like(w) for w in ws]
+    torch.library.opcheck(torch.ops.spectral_ext.spectral_norms_backward,
+                          (torch.randn(len(ws)), us, vs, grads, accumulate))
+
+
+def test_opcheck_spectral_norms_triton():
+    if not se.available_backends()["triton"].available:
+        pytest.skip(se.available_backends()["triton"].detail)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ws = [w.to(dev) for w in _weights(requires_grad=True)]
+    torch.library.opcheck(torch.ops.spectral_ext.spectral_norms_triton,
+                          (ws, se.init_vectors(ws), 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

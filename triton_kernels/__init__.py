@@ -4,7 +4,8 @@ folder is the top-level triton_kernels/, never importable as a top-level `triton
 Layers: ``fused_step.py`` holds the private @triton.jit kernels; this module the host function
 ``fused_step_forward`` (tables, tiles, block sizes, launches); ``spectral_ext/_ops.py`` registers
 it as the op ``spectral_ext::fused_step_triton`` (an opaque custom op: see there why not
-``torch.library.triton_op``).
+``torch.library.triton_op``).  ``spectral_norms_forward`` / ``spectral_norms_backward`` are the
+same kernels for the differentiable op (``spectral_ext::spectral_norms_triton``).
 """
 
 import contextlib
@@ -18,7 +19,8 @@ import triton.language as tl
 
 from .fused_step import _cols_kernel, _finalize_kernel, _rows_kernel
 
-__all__ = ["fused_step_forward", "SUPPORTED_DTYPES", "block_sizes", "clear_plans"]
+__all__ = ["fused_step_forward", "spectral_norms_forward", "spectral_norms_backward",
+           "SUPPORTED_DTYPES", "block_sizes", "clear_plans"]
 
 SUPPORTED_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
                     torch.bfloat16: tl.bfloat16}
@@ -235,10 +237,139 @@ def _fused_step_forward(weights, vs, grads, lam, n_iter, device) -> torch.Tensor
             _finalize_kernel[(n,)](
                 tl_, ts_, p.v_tab, p.g_tab, p.rows, p.cols, p.ldg, p.uoff, p.voff, p.pstart,
                 p.pcount, p.layer_out, u_raw, v_prime, u_norm, partial, sigma, v_updated, lam,
-                G_DTYPE=gt, UPDATE_GRAD=last, TRACK_UPDATES=bool(v_copies), BLOCK_R=BR,
+                u_raw, G_DTYPE=gt, UPDATE_GRAD=last, TRACK_UPDATES=bool(v_copies), BLOCK_R=BR,
                 BLOCK_C=BC, BLOCK_P=64)
         for dst, src in write_back:
             dst.copy_(src.reshape(dst.shape))
         for j, v, vw in v_copies:
             v.copy_(torch.where(v_updated[j] != 0, vw.to(v.dtype), v))
     return sigma
+
+
+def _group_inputs(weights, vs, idx):
+    """Ws (rows x cols views or copies), Vs (float32 contiguous, or working copies), the working
+    copies of v (position, v, copy) and the first tensor that needs a per-call copy."""
+    Ws, Vs, v_copies = [], [], []
+    copied = None
+    for i in idx:
+        w, v = weights[i], vs[i]
+        rows = w.shape[0]
+        w2, w_copied = _as_2d(w, rows, w.numel() // rows)
+        Ws.append(w2)
+        v_copied = not (v.dtype == torch.float32 and v.is_contiguous())
+        if v_copied:
+            vw = v.to(torch.float32).contiguous()
+            Vs.append(vw)
+            v_copies.append((len(Vs) - 1, v, vw))
+        else:
+            Vs.append(v)
+        if copied is None:
+            copied = (f"weights[{i}]" if w_copied else
+                      f"vs[{i}] ({v.dtype}, stride {v.stride(0)})" if v_copied else None)
+    return Ws, Vs, v_copies, copied
+
+
+def spectral_norms_forward(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
+                           n_iter: int):
+    """spectral_norms with the Triton kernels (inputs already checked by the caller):
+    ``(sigma [L] float32, us, vs_new)``; nothing is mutated.  The phases of fused_step without
+    the gradient: v goes to an output buffer (filled with the current v first, so a v that no
+    iteration updated stays as it was), u is written after the last iteration.  us and vs_new
+    are disjoint views of one buffer per weight dtype (float32); a float64 v's new value is
+    converted back to float64 (its old bits where no iteration updated it)."""
+    device = weights[0].device
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return _spectral_norms_forward(weights, vs, n_iter, device)
+
+
+def _spectral_norms_forward(weights, vs, n_iter, device):
+    L = len(weights)
+    sigma = torch.empty(L, dtype=torch.float32, device=device)
+    us: List[torch.Tensor] = [None] * L
+    vs_new: List[torch.Tensor] = [None] * L
+    BR, BC = block_sizes()
+    groups: Dict[torch.dtype, List[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault(w.dtype, []).append(i)
+    for wdt, idx in groups.items():
+        Ws, Vs, v_copies, copied = _group_inputs(weights, vs, idx)
+        # the gradient table is never read (UPDATE_GRAD=False): the weights stand in for it
+        p = _plan(Ws, Ws, Vs, idx, device, copied)
+        u_raw = torch.empty(p.n_u, dtype=torch.float32, device=device)
+        v_prime = torch.empty(p.n_v, dtype=torch.float32, device=device)
+        u_norm = torch.empty(len(idx), dtype=torch.float64, device=device)
+        partial = torch.empty(p.n_col_tiles, dtype=torch.float64, device=device)
+        u_out = torch.empty(p.n_u, dtype=torch.float32, device=device)
+        v_out = torch.cat(Vs)                     # the current v of every layer
+        v_out_tab = p.voff * 4 + v_out.data_ptr()  # each layer's slice of v_out (bytes)
+        v_updated = torch.zeros(len(idx), dtype=torch.int32, device=device) if v_copies \
+            else u_norm      # not read without TRACK_UPDATES
+        wt = SUPPORTED_DTYPES[wdt]
+        for it in range(n_iter):
+            last = it == n_iter - 1
+            _rows_kernel[(p.n_row_tiles,)](
+                p.row_layer, p.row_start, p.w_tab, p.v_tab if it == 0 else v_out_tab, p.rows,
+                p.cols, p.ldw, p.uoff, u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+            _cols_kernel[(p.n_col_tiles,)](
+                p.col_layer, p.col_start, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
+                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+            # the last iteration also writes u, over every row tile
+            tl_, ts_, n = ((p.row_layer, p.row_start, p.n_row_tiles) if last else
+                           (p.first_layer, p.zeros, len(idx)))
+            _finalize_kernel[(n,)](
+                tl_, ts_, v_out_tab, p.g_tab, p.rows, p.cols, p.ldg, p.uoff, p.voff, p.pstart,
+                p.pcount, p.layer_out, u_raw, v_prime, u_norm, partial, sigma, v_updated, 0.0,
+                u_out, G_DTYPE=wt, UPDATE_GRAD=False, TRACK_UPDATES=bool(v_copies),
+                BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64, WRITE_U=last)
+        uoff, voff = _offsets([w.shape[0] for w in Ws]), _offsets([w.shape[1] for w in Ws])
+        for j, i in enumerate(idx):
+            us[i] = u_out[uoff[j]:uoff[j + 1]]
+            vs_new[i] = v_out[voff[j]:voff[j + 1]]
+        for j, v, _ in v_copies:
+            if v.dtype != torch.float32:   # a float64 v: its own bits where not updated
+                vs_new[idx[j]] = torch.where(v_updated[j] != 0, vs_new[idx[j]].to(v.dtype), v)
+    return sigma, us, vs_new
+
+
+def spectral_norms_backward(grad_sigma: torch.Tensor, us: Sequence[torch.Tensor],
+                            vs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                            accumulate: bool) -> None:
+    """grads[l] (+)= grad_sigma[l] * u_l v_l^T for every layer: the finalize kernel's gradient
+    phase, one launch per gradient dtype, with u and v concatenated into its workspace (u_norm 1,
+    exact) and the scale read from device memory.  The table is built per call (the tensors are
+    new every step), so it cannot be captured in a CUDA graph."""
+    device = grads[0].device
+    if _capturing(device):
+        raise RuntimeError(
+            "spectral_ext.spectral_norms backward (triton): the fused backward builds its table "
+            "per call, which a CUDA graph cannot capture; under capture the autograd formula "
+            "uses the reference, or run the backward outside the graph")
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        BR, BC = block_sizes()
+        scale = grad_sigma.to(torch.float32).contiguous()
+        groups: Dict[torch.dtype, List[int]] = {}
+        for i, g in enumerate(grads):
+            groups.setdefault(g.dtype, []).append(i)
+        for gdt, idx in groups.items():
+            Gs, write_back = [], []
+            for i in idx:
+                g = grads[i]
+                rows = g.shape[0]
+                g2, g_copied = _as_2d(g, rows, g.numel() // rows)
+                if g_copied:
+                    write_back.append((g, g2))
+                Gs.append(g2)
+            u_cat = torch.cat([us[i].to(torch.float32) for i in idx])
+            v_cat = torch.cat([vs[i].to(torch.float32) for i in idx])
+            p = _Plan(Gs, Gs, [v_cat] * len(idx), idx, device)   # for this call only
+            ones = torch.ones(len(idx), dtype=torch.float64, device=device)
+            _finalize_kernel[(p.n_row_tiles,)](
+                p.row_layer, p.row_start, p.v_tab, p.g_tab, p.rows, p.cols, p.ldg, p.uoff,
+                p.voff, p.pstart, p.pcount, p.layer_out, u_cat, v_cat, ones, ones, scale,
+                p.zeros, scale, u_cat, G_DTYPE=SUPPORTED_DTYPES[gdt], UPDATE_GRAD=True,
+                TRACK_UPDATES=False, BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64, FINALIZE=False,
+                SCALE_PER_LAYER=True, ACCUMULATE=bool(accumulate))
+            for dst, src in write_back:
+                dst.copy_(src.reshape(dst.shape))

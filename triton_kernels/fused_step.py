@@ -13,6 +13,12 @@ Phases of one power iteration (semantics: spectral_ext.reference):
   3. ``_finalize_kernel``  sigma = ||v'||, v = v' / sigma, and grad += lam * u v'^T
                            (= lam * sigma * u v^T, no W needed)     tiles = (layer, block of rows)
 n_iter = 1 is three launches; each further iteration adds three (its finalize updates v only).
+
+spectral_norms (the differentiable op) runs the same three phases: its finalize writes v into an
+output buffer (through a table of output addresses instead of the caller's v) and, after the
+last iteration, u (WRITE_U) instead of the gradient.  Its backward is the finalize kernel's
+gradient phase alone (FINALIZE=False): grad (+)= grad_sigma[l] * u v^T with the per-layer scale
+read from device memory (SCALE_PER_LAYER), u and v given (u_raw = u, u_norm = 1, v' = v).
 Arithmetic is float32, squared norms are summed in float64 (as in the reference), and nothing
 forms W^T W v unnormalized, so there is no sigma^2 range limit.  The divisions by a norm
 (u = u_raw / ||u_raw||, v = v' / sigma) are done in float64 and never as a product with the
@@ -135,31 +141,48 @@ def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
 @triton.jit
 def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, ldg_tab,
                      uoff_tab, voff_tab, pstart_tab, pcount_tab, layer_out, u_raw, v_prime,
-                     u_norm, partial_v2, sigma_out, v_updated, lam, G_DTYPE: tl.constexpr,
-                     UPDATE_GRAD: tl.constexpr, TRACK_UPDATES: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                     u_norm, partial_v2, sigma_out, v_updated, lam, u_out,
+                     G_DTYPE: tl.constexpr, UPDATE_GRAD: tl.constexpr,
+                     TRACK_UPDATES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_P: tl.constexpr, WRITE_U: tl.constexpr = False,
+                     FINALIZE: tl.constexpr = True, SCALE_PER_LAYER: tl.constexpr = False,
+                     ACCUMULATE: tl.constexpr = True):
+    # UPDATE_GRAD: grad (+)= s * u v'^T over the tile's rows, s = lam (a float), or
+    # lam[layer_out[layer]] with SCALE_PER_LAYER (lam is then a float32 pointer);
+    # ACCUMULATE=False overwrites grad without reading it.  WRITE_U: u into u_out at the layer's
+    # u offset (spectral_norms).  FINALIZE: sigma and v (the tile at row 0).
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
     r0 = tl.load(tile_start + t)
     rows = tl.load(rows_tab + layer)
     cols = tl.load(cols_tab + layer)
     v_off = tl.load(voff_tab + layer)
+    if UPDATE_GRAD or WRITE_U:
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < rows
+        u_off = tl.load(uoff_tab + layer)
+        u = _div(tl.load(u_raw + u_off + r, mask=rmask, other=0.0), tl.load(u_norm + layer))
+        if WRITE_U:
+            tl.store(u_out + u_off + r, u, mask=rmask)
     if UPDATE_GRAD:
         G = _layer_ptr(g_tab, layer, G_DTYPE)
         ldg = tl.load(ldg_tab + layer)
-        r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < rows
-        u = _div(tl.load(u_raw + tl.load(uoff_tab + layer) + r, mask=rmask, other=0.0),
-                 tl.load(u_norm + layer)) * lam
+        if SCALE_PER_LAYER:
+            u = u * tl.load(lam + tl.load(layer_out + layer))
+        else:
+            u = u * lam
         for c0 in range(0, cols, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             cmask = c < cols
             m = rmask[:, None] & cmask[None, :]
             ptr = G + r[:, None].to(tl.int64) * ldg + c[None, :]
-            g = _to_f32(tl.load(ptr, mask=m, other=0.0), G_DTYPE)
             vp = tl.load(v_prime + v_off + c, mask=cmask, other=0.0)
-            tl.store(ptr, _round_to(g + u[:, None] * vp[None, :], G_DTYPE), mask=m)
-    if r0 == 0:
+            if ACCUMULATE:
+                g = _to_f32(tl.load(ptr, mask=m, other=0.0), G_DTYPE)
+                tl.store(ptr, _round_to(g + u[:, None] * vp[None, :], G_DTYPE), mask=m)
+            else:
+                tl.store(ptr, _round_to(u[:, None] * vp[None, :], G_DTYPE), mask=m)
+    if FINALIZE and r0 == 0:
         # sigma = ||v'|| from the column tiles' partial sums, in a fixed order
         p0 = tl.load(pstart_tab + layer)
         pn = tl.load(pcount_tab + layer)

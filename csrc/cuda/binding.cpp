@@ -1,4 +1,5 @@
-// The torch side of the CUDA backend: registers spectral_ext::fused_step for CUDA tensors.
+// The torch side of the CUDA backend: registers spectral_ext::fused_step, spectral_norms and
+// spectral_norms_backward for CUDA tensors.
 //
 // Per call: the same input checks as the CPU kernel (csrc/spectral_ext.h), the tensors' device
 // made current (torch's and this library's runtime, restored on return), layers grouped by
@@ -96,7 +97,8 @@ LayerDesc describe(const at::Tensor& w, const at::Tensor& g, const at::Tensor& v
     d.ldw = d.cols;
     d.scw = 1;
   }
-  if (auto s = matrix_strides(g, d.rows, d.cols)) {
+  if (!g.defined()) {   // spectral_norms: no gradient (d.G stays null)
+  } else if (auto s = matrix_strides(g, d.rows, d.cols)) {
     d.G = g.mutable_data_ptr();
     std::tie(d.ldg, d.scg) = *s;
   } else {
@@ -116,7 +118,7 @@ LayerDesc describe(const at::Tensor& w, const at::Tensor& g, const at::Tensor& v
   const DType t = dtype_of(w.scalar_type());
   const int vec = dtype_vec(t);
   d.wvec = aligned16(d.W) && d.scw == 1 && d.ldw % vec == 0 && d.cols % vec == 0;
-  d.gvec = aligned16(d.G) && d.scg == 1 && d.ldg % vec == 0 && d.cols % vec == 0;
+  d.gvec = g.defined() && aligned16(d.G) && d.scg == 1 && d.ldg % vec == 0 && d.cols % vec == 0;
   // tiles: up to kMaxStripGroups column groups wide, about kTileBytes of W, <= kMaxTileRows rows
   d.cb_size = static_cast<int32_t>(std::min<int64_t>(d.cols, kMaxStripGroups * (d.wvec ? vec : 1)));
   int64_t rb = kTileBytes / dtype_size(t) / d.cb_size;
@@ -297,10 +299,19 @@ int64_t first_copied(const std::vector<Operand>& keep, size_t n) {
   return -1;
 }
 
+// spectral_norms' output buffers of one dtype group (u in the accumulation type, v by v's dtype),
+// addressed by each layer's u_off / v_off in the table.
+struct NormsOut {
+  void* u = nullptr;
+  void* v_float = nullptr;
+  void* v_double = nullptr;
+};
+
+// One dtype group: fused_step (grads given), or spectral_norms (grads empty, `norms` set).
 void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::TensorList vs,
                at::TensorList grads, double lam, int64_t n_iter, const at::Tensor& sigma,
                const std::optional<c10::Stream>& torch_stream, cudaStream_t stream,
-               std::vector<Operand>& keep) {
+               std::vector<Operand>& keep, const NormsOut* norms = nullptr) {
   const at::Device device = weights[0].device();
   const at::ScalarType wt = weights[idx[0]].scalar_type();
   const DType dt = dtype_of(wt);
@@ -308,7 +319,8 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
   descs.reserve(idx.size());
   for (int64_t i : idx) {
     keep.emplace_back();
-    descs.push_back(describe(weights[i], grads[i], vs[i], i, keep.back()));
+    descs.push_back(describe(weights[i], grads.empty() ? at::Tensor() : grads[i], vs[i], i,
+                             keep.back()));
   }
   const bool capturing = stream_is_capturing(stream);
   // A weight or gradient that cannot be viewed as a strided rows x cols matrix is copied into a
@@ -406,6 +418,13 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
   a.sigma_double = sigma.scalar_type() == at::kDouble;
   a.dtype = dt;
   a.lam = lam;
+  if (norms != nullptr) {
+    a.u_out = norms->u;
+    a.v_out_f = norms->v_float;
+    a.v_out_d = norms->v_double;
+    check_launch(launch_spectral_norms(a, static_cast<int>(n_iter), stream));
+    return;
+  }
   check_launch(launch_fused_step(a, static_cast<int>(n_iter), stream));
 }
 
@@ -472,6 +491,162 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   return sigma;
 }
 
+// The tensors' device made current in torch and in this library's runtime, and torch's current
+// stream (as in fused_step_cuda; the emulation: CPU tensors, no stream).
+struct CallScope {
+  explicit CallScope(const at::Device& device, const char* op)
+#ifdef SPECTRAL_EXT_EMULATE
+      : runtime_device(g_emulated_device) {
+    TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
+  }
+#else
+      : torch_device(device), runtime_device(device.index()) {
+    TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::", op,
+                      " got tensors on ", device);
+    torch_stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+    stream = static_cast<cudaStream_t>(torch_stream->native_handle());
+  }
+  const c10::DeviceGuard torch_device;
+#endif
+  DeviceScope runtime_device;
+  std::optional<c10::Stream> torch_stream;
+  cudaStream_t stream = nullptr;
+};
+
+// spectral_ext::spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter)
+//     -> (Tensor sigma, Tensor[] us, Tensor[] vs_new)
+// fused_step's checks, tables and kernels without the gradient kernel: 2 * n_iter launches per
+// weight dtype.  us and vs_new are views into one output buffer per dtype group (u: accumulation
+// type; v: float32 and/or float64, as each v), so no per-layer allocation or copy; vs is only read.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectral_norms_cuda(
+    at::TensorList weights, at::TensorList vs, int64_t n_iter) {
+  check_inputs(weights, vs, nullptr, n_iter);
+  TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
+  const at::Device device = weights[0].device();
+  CallScope scope(device, "spectral_norms");
+  const int64_t L = static_cast<int64_t>(weights.size());
+  at::Tensor sigma = at::empty({L}, weights[0].options().dtype(sigma_type(weights)));
+  std::vector<at::Tensor> us(L), vs_new(L);
+  std::map<at::ScalarType, std::vector<int64_t>> groups;
+  for (int64_t i = 0; i < L; ++i) groups[weights[i].scalar_type()].push_back(i);
+  std::vector<Operand> keep;
+  keep.reserve(weights.size());
+  for (const auto& kv : groups) {
+    int64_t n_u = 0, n_v = 0;
+    bool any_float = false, any_double = false;
+    for (int64_t i : kv.second) {
+      n_u += weights[i].size(0);
+      n_v += matrix_cols(weights[i]);
+      (vs[i].scalar_type() == at::kDouble ? any_double : any_float) = true;
+    }
+    const auto opts = weights[0].options();
+    at::Tensor U = at::empty({n_u}, opts.dtype(acc_type(kv.first)));
+    at::Tensor VF = any_float ? at::empty({n_v}, opts.dtype(at::kFloat)) : at::Tensor();
+    at::Tensor VD = any_double ? at::empty({n_v}, opts.dtype(at::kDouble)) : at::Tensor();
+    NormsOut out;
+    out.u = U.data_ptr();
+    out.v_float = any_float ? VF.data_ptr() : nullptr;
+    out.v_double = any_double ? VD.data_ptr() : nullptr;
+    run_group(kv.second, weights, vs, {}, 0.0, n_iter, sigma, scope.torch_stream, scope.stream,
+              keep, &out);
+    int64_t u_off = 0, v_off = 0;   // the plan's offsets: the group's order, prefix sums
+    for (int64_t i : kv.second) {
+      const int64_t rows = weights[i].size(0), cols = matrix_cols(weights[i]);
+      us[i] = U.narrow(0, u_off, rows);
+      vs_new[i] = (vs[i].scalar_type() == at::kDouble ? VD : VF).narrow(0, v_off, cols);
+      u_off += rows;
+      v_off += cols;
+    }
+  }
+  return {sigma, std::move(us), std::move(vs_new)};
+}
+
+// spectral_ext::spectral_norms_backward(Tensor grad_sigma, Tensor[] us, Tensor[] vs,
+//                                       Tensor(a!)[] grads, bool accumulate) -> ()
+// grads[l] (+)= grad_sigma[l] * u_l v_l^T for every layer: one launch per gradient dtype, on a
+// table built for this call (u, v and the gradients are new tensors every step, so their
+// pointers never repeat); not capturable in a CUDA graph (the autograd formula uses the
+// reference there).
+void spectral_norms_backward_cuda(const at::Tensor& grad_sigma, at::TensorList us,
+                                  at::TensorList vs, at::TensorList grads, bool accumulate) {
+  const size_t n = grads.size();
+  TORCH_CHECK_VALUE(n > 0 && us.size() == n && vs.size() == n, "spectral_norms_backward: got ",
+                    n, " grads, ", us.size(), " us and ", vs.size(), " vs; one of each per layer");
+  TORCH_CHECK_VALUE(grad_sigma.dim() == 1 && grad_sigma.size(0) == static_cast<int64_t>(n),
+                    "spectral_norms_backward: grad_sigma has shape ", py_shape(grad_sigma.sizes()),
+                    ", expected (", n, ",)");
+  TORCH_CHECK_TYPE(grad_sigma.scalar_type() == at::kFloat || grad_sigma.scalar_type() == at::kDouble,
+                   "spectral_norms_backward: grad_sigma must be float32 or float64, got ",
+                   py_dtype(grad_sigma.scalar_type()));
+  const at::Device device = grads[0].device();
+  TORCH_CHECK_VALUE(grad_sigma.device() == device, "spectral_norms_backward: grad_sigma is on ",
+                    grad_sigma.device(), " but grads[0] is on ", device);
+  std::vector<at::Tensor> u_hold(n);
+  for (size_t i = 0; i < n; ++i) {
+    const auto& g = grads[i];
+    TORCH_CHECK_VALUE(g.dim() >= 2 && g.numel() > 0, "spectral_norms_backward: grads[", i,
+                      "] has shape ", py_shape(g.sizes()), "; need a non-empty matrix");
+    (void)dtype_of(g.scalar_type());
+    const int64_t rows = g.size(0), cols = matrix_cols(g);
+    TORCH_CHECK_VALUE(us[i].dim() == 1 && us[i].size(0) == rows && vs[i].dim() == 1 &&
+                          vs[i].size(0) == cols,
+                      "spectral_norms_backward: us[", i, "] ", py_shape(us[i].sizes()), " and vs[",
+                      i, "] ", py_shape(vs[i].sizes()), " do not match grads[", i, "] of shape ",
+                      py_shape(g.sizes()), " (", rows, " x ", cols, ")");
+    TORCH_CHECK_TYPE(us[i].scalar_type() == acc_type(g.scalar_type()),
+                     "spectral_norms_backward: us[", i, "] has dtype ",
+                     py_dtype(us[i].scalar_type()), "; expected ",
+                     py_dtype(acc_type(g.scalar_type())));
+    TORCH_CHECK_TYPE(vs[i].scalar_type() == at::kFloat || vs[i].scalar_type() == at::kDouble,
+                     "spectral_norms_backward: vs[", i, "] must be float32 or float64");
+    TORCH_CHECK_VALUE(g.device() == device && us[i].device() == device &&
+                          vs[i].device() == device,
+                      "spectral_norms_backward: every tensor must be on ", device);
+    TORCH_CHECK_VALUE(at::has_internal_overlap(g) != at::MemOverlap::Yes,
+                      "spectral_norms_backward: grads[", i, "] has overlapping memory");
+    u_hold[i] = us[i].contiguous();
+  }
+  CallScope scope(device, "spectral_norms_backward");
+  TORCH_CHECK(!stream_is_capturing(scope.stream),
+              "spectral_ext.spectral_norms backward (CUDA): the fused backward uploads a table "
+              "per call, which a CUDA graph cannot capture; under capture the autograd formula "
+              "uses the reference (eager capture), or run the backward outside the graph");
+  const at::Tensor scale = grad_sigma.contiguous();
+  std::map<at::ScalarType, std::vector<int64_t>> groups;
+  for (size_t i = 0; i < n; ++i) groups[grads[i].scalar_type()].push_back(static_cast<int64_t>(i));
+  std::vector<Operand> keep;
+  keep.reserve(n);
+  for (const auto& kv : groups) {
+    std::vector<LayerDesc> descs;
+    descs.reserve(kv.second.size());
+    for (int64_t i : kv.second) {
+      keep.emplace_back();
+      // the gradient's layout and tiles, as fused_step's; W is not read: the table's W is u
+      LayerDesc d = describe(grads[i], grads[i], vs[i], i, keep.back());
+      keep.back().W_hold = at::Tensor();
+      d.W = u_hold[i].const_data_ptr();
+      d.ldw = d.scw = 0;
+      d.wvec = 0;
+      descs.push_back(d);
+    }
+    std::shared_ptr<Plan> plan = build_plan(descs, device, scope.stream);
+    uint8_t* table = plan->table.mutable_data_ptr<uint8_t>();
+    StepArgs a{};
+    a.layers = reinterpret_cast<const LayerDesc*>(table);
+    a.tiles = reinterpret_cast<const Tile*>(table + plan->tiles_at);
+    a.n_layers = static_cast<int32_t>(plan->n_layers);
+    a.n_tiles = static_cast<int32_t>(plan->n_tiles);
+    a.dtype = dtype_of(kv.first);
+    a.grad_scale = scale.const_data_ptr();
+    a.scale_double = scale.scalar_type() == at::kDouble;
+    a.accumulate = accumulate;
+    check_launch(launch_norms_backward(a, scope.stream));
+  }
+  for (auto& k : keep) {   // gradients that had to be copied: write the result back
+    if (k.G_out.defined()) k.G_out.copy_(k.G_hold.view(k.G_out.sizes()));
+  }
+}
+
 }  // namespace
 
 // For tests and diagnostics (spectral_ext._C): the number of cached layer tables (and of those
@@ -486,6 +661,10 @@ void clear_plans() { plan_cache().clear(); }
 TORCH_LIBRARY(spectral_ext_emu, m) {
   m.def("fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam, "
         "int n_iter) -> Tensor");
+  m.def("spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter) "
+        "-> (Tensor, Tensor[], Tensor[])");
+  m.def("spectral_norms_backward(Tensor grad_sigma, Tensor[] us, Tensor[] vs, "
+        "Tensor(a!)[] grads, bool accumulate) -> ()");
   m.def("cached_plans() -> int", [] { return cuda::cached_plans(); });
   m.def("pinned_plans() -> int", [] { return cuda::pinned_plans(); });
   m.def("clear_plans() -> ()", [] { cuda::clear_plans(); });
@@ -504,9 +683,17 @@ TORCH_LIBRARY(spectral_ext_emu, m) {
   });
   m.def("runtime_device() -> int", [] { return static_cast<int64_t>(cuda::emulated_runtime_device()); });
 }
-TORCH_LIBRARY_IMPL(spectral_ext_emu, CPU, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
+TORCH_LIBRARY_IMPL(spectral_ext_emu, CPU, m) {
+  m.impl("fused_step", &cuda::fused_step_cuda);
+  m.impl("spectral_norms", &cuda::spectral_norms_cuda);
+  m.impl("spectral_norms_backward", &cuda::spectral_norms_backward_cuda);
+}
 #else
-TORCH_LIBRARY_IMPL(spectral_ext, CUDA, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
+TORCH_LIBRARY_IMPL(spectral_ext, CUDA, m) {
+  m.impl("fused_step", &cuda::fused_step_cuda);
+  m.impl("spectral_norms", &cuda::spectral_norms_cuda);
+  m.impl("spectral_norms_backward", &cuda::spectral_norms_backward_cuda);
+}
 #endif
 
 }  // namespace spectral_ext

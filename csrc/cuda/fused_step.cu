@@ -19,6 +19,11 @@
 //                  sigma and v = v' / sigma: into the caller's v after the last iteration, into
 //                  the workspace (acc precision) before the others.
 //   grad_kernel    G[r, c] += lam * u[r] * v'[c]   (only after the last iteration)
+// spectral_norms (the differentiable op) runs the same memset and 2 * n_iter kernels without
+// grad_kernel; the last cols_kernel writes u and the new v into per-call output buffers
+// (StepArgs.u_out, v_out_*) instead of the caller's v.  Its backward is grad_kernel alone, one
+// launch: G (+)= grad_sigma[l] * u v^T with grad_sigma read from device memory (no host sync)
+// and u, v, G addressed through a table of that call.
 // A step is a memset (counters and flags, per call) and 2 * n_iter + 1 kernels.  Every sum is
 // taken in a fixed order (the "last block" only decides which block does it), so results do not
 // depend on the order in which blocks run (the CPU emulation runs them in a random order), and a
@@ -269,6 +274,26 @@ __device__ __forceinline__ void store_v(const LayerDesc& L, int64_t c, acc_t x) 
   }
 }
 
+// spectral_norms: the new v into the output buffer of v's dtype, and the caller's v copied there
+// bit for bit (a v that no iteration updated)
+template <typename acc_t>
+__device__ __forceinline__ void store_v_out(const StepArgs& a, const LayerDesc& L, int64_t c,
+                                            acc_t x) {
+  if (L.v_double) {
+    static_cast<double*>(a.v_out_d)[L.v_off + c] = static_cast<double>(x);
+  } else {
+    static_cast<float*>(a.v_out_f)[L.v_off + c] = static_cast<float>(x);
+  }
+}
+
+__device__ __forceinline__ void copy_v_out(const StepArgs& a, const LayerDesc& L, int64_t c) {
+  if (L.v_double) {
+    static_cast<double*>(a.v_out_d)[L.v_off + c] = static_cast<const double*>(L.v)[c * L.vstride];
+  } else {
+    static_cast<float*>(a.v_out_f)[L.v_off + c] = static_cast<const float*>(L.v)[c * L.vstride];
+  }
+}
+
 // ---- phase 1: u_raw = W v --------------------------------------------------------------------
 
 // Partial dot products of the tile's rows with v_s (the tile's slice of v).  LPR lanes per row
@@ -416,6 +441,12 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
   const double nrm = a.unrm[tile.layer];
   const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
   for (int r = threadIdx.x; r < rn; r += kThreads) u_s[r] = div_by(u_raw[r], nrm);
+  // spectral_norms: the final u, written once per row block (by its first strip's tile)
+  const bool norms = a.u_out != nullptr;
+  if (norms && last && tile.cb == 0) {
+    acc_t* u_out = static_cast<acc_t*>(a.u_out) + L.u_off + r0;
+    for (int r = threadIdx.x; r < rn; r += kThreads) u_out[r] = u_s[r];
+  }
   __syncthreads();
   acc_t* Pv = static_cast<acc_t*>(a.Pv) + L.pv_off + tile.rb * L.cols + c0;
   if (L.wvec) {
@@ -458,29 +489,41 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
   // v = v' / sigma, kept when sigma is 0 (zero matrix) or not finite (NaN/Inf weights): between
   // iterations in the workspace (`updated` tells the next rows_kernel), after the last one in
   // the caller's v, which is written only if some iteration gave a new v (so a kept v stays
-  // exactly what it was, in its own dtype)
+  // exactly what it was, in its own dtype).  spectral_norms writes the output v instead: the
+  // new one, or the caller's copied bit for bit.
   acc_t* vc = static_cast<acc_t*>(a.vcur) + L.v_off;
   if (sigma > 0.0 && isfinite(sigma)) {
     for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) {
       const acc_t x = div_by(__ldcg(vp + c), sigma);
-      if (last) {
-        store_v<acc_t>(L, c, x);
-      } else {
+      if (!last) {
         vc[c] = x;
+      } else if (norms) {
+        store_v_out<acc_t>(a, L, c, x);
+      } else {
+        store_v<acc_t>(L, c, x);
       }
     }
     if (!last && threadIdx.x == 0) a.updated[tile.layer] = 1;
   } else if (last && a.updated[tile.layer]) {
-    for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) store_v<acc_t>(L, c, __ldcg(vc + c));
+    for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) {
+      if (norms) {
+        store_v_out<acc_t>(a, L, c, __ldcg(vc + c));
+      } else {
+        store_v<acc_t>(L, c, __ldcg(vc + c));
+      }
+    }
+  } else if (last && norms) {
+    for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) copy_v_out(a, L, c);
   }
 }
 
 // ---- phase 3: grad += lam * u v'^T -----------------------------------------------------------
+// (spectral_norms' backward: grad (+)= grad_sigma[l] * u v^T, u and v from the table)
 
 template <typename T, int VEC>
 __device__ __forceinline__ void grad_tile(const LayerDesc& L, int64_t r0, int rn, int64_t c0,
                                           int cn, const typename Acc<T>::type* a_s,
-                                          const typename Acc<T>::type* vp_s) {
+                                          const typename Acc<T>::type* vp_s, bool accumulate) {
   using acc_t = typename Acc<T>::type;
   T* G = static_cast<T*>(L.G);
   const int groups = (cn + VEC - 1) / VEC;
@@ -494,9 +537,15 @@ __device__ __forceinline__ void grad_tile(const LayerDesc& L, int64_t r0, int rn
       T* row = G + (r0 + r) * L.ldg;
       const acc_t ar = a_s[r];
       T* e = VEC > 1 ? row + c0 + c : row + (c0 + c) * L.scg;
-      Pack<T, VEC> p = load_pack<T, VEC, Load::kStreaming>(e);
+      Pack<T, VEC> p;
+      if (accumulate) {
+        p = load_pack<T, VEC, Load::kStreaming>(e);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) p.x[k] = from_acc<T>(to_acc(p.x[k]) + ar * vp_s[c + k]);
+        for (int k = 0; k < VEC; ++k) p.x[k] = from_acc<T>(to_acc(p.x[k]) + ar * vp_s[c + k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) p.x[k] = from_acc<T>(ar * vp_s[c + k]);
+      }
       store_g<T, VEC>(e, p);
     }
   }
@@ -512,18 +561,30 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
   const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, false);
   const LayerDesc& L = *layer;
 
-  const double nrm = a.unrm[tile.layer];
-  const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
-  const acc_t* vp = static_cast<const acc_t*>(a.vp) + L.v_off + c0;
-  for (int r = threadIdx.x; r < rn; r += kThreads) {
-    a_s[r] = static_cast<acc_t>(a.lam * static_cast<double>(div_by(u_raw[r], nrm)));
-  }
-  for (int c = threadIdx.x; c < cn; c += kThreads) vp_s[c] = vp[c];
-  __syncthreads();
-  if (L.gvec) {
-    grad_tile<T, VEC>(L, r0, rn, c0, cn, a_s, vp_s);
+  if (a.grad_scale != nullptr) {
+    // spectral_norms' backward: grad_sigma[l] rounded to acc_t (as the reference's
+    // grad_sigma.to(u.dtype)), u from L.W, v from L.v (rounded to acc_t)
+    const acc_t s = a.scale_double
+                        ? static_cast<acc_t>(static_cast<const double*>(a.grad_scale)[L.out])
+                        : static_cast<acc_t>(static_cast<const float*>(a.grad_scale)[L.out]);
+    const acc_t* u = static_cast<const acc_t*>(L.W) + r0;
+    for (int r = threadIdx.x; r < rn; r += kThreads) a_s[r] = s * u[r];
+    for (int c = threadIdx.x; c < cn; c += kThreads) vp_s[c] = load_v<acc_t>(L, c0 + c);
   } else {
-    grad_tile<T, 1>(L, r0, rn, c0, cn, a_s, vp_s);
+    const double nrm = a.unrm[tile.layer];
+    const acc_t* u_raw = static_cast<const acc_t*>(a.u_raw) + L.u_off + r0;
+    const acc_t* vp = static_cast<const acc_t*>(a.vp) + L.v_off + c0;
+    for (int r = threadIdx.x; r < rn; r += kThreads) {
+      a_s[r] = static_cast<acc_t>(a.lam * static_cast<double>(div_by(u_raw[r], nrm)));
+    }
+    for (int c = threadIdx.x; c < cn; c += kThreads) vp_s[c] = vp[c];
+  }
+  __syncthreads();
+  const bool accumulate = a.accumulate != 0;
+  if (L.gvec) {
+    grad_tile<T, VEC>(L, r0, rn, c0, cn, a_s, vp_s, accumulate);
+  } else {
+    grad_tile<T, 1>(L, r0, rn, c0, cn, a_s, vp_s, accumulate);
   }
 }
 
@@ -539,8 +600,9 @@ cudaError_t zero_async(void* p, int64_t bytes, cudaStream_t stream) {
 }
 #endif
 
+// grad: the gradient kernel after the iterations (fused_step), or not (spectral_norms)
 template <typename T>
-cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream) {
+cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream, bool grad) {
   const unsigned int grid = static_cast<unsigned int>(a.n_tiles);
   if (cudaError_t e = zero_async(a.zero_begin, a.zero_bytes, stream); e != cudaSuccess) return e;
   bool reverse = false;  // alternate the direction of consecutive passes over W (L2 reuse)
@@ -552,6 +614,14 @@ cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream) {
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
     reverse = !reverse;
   }
+  if (!grad) return cudaSuccess;
+  SPECTRAL_EXT_LAUNCH(grad_kernel<T>, grid, stream, a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_grad(const StepArgs& a, cudaStream_t stream) {
+  const unsigned int grid = static_cast<unsigned int>(a.n_tiles);
   SPECTRAL_EXT_LAUNCH(grad_kernel<T>, grid, stream, a);
   return cudaGetLastError();
 }
@@ -560,10 +630,30 @@ cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream) {
 
 cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream) {
   switch (args.dtype) {
-    case DType::kFloat32: return launch_all<float>(args, n_iter, stream);
-    case DType::kFloat64: return launch_all<double>(args, n_iter, stream);
-    case DType::kFloat16: return launch_all<__half>(args, n_iter, stream);
-    case DType::kBFloat16: return launch_all<__nv_bfloat16>(args, n_iter, stream);
+    case DType::kFloat32: return launch_all<float>(args, n_iter, stream, true);
+    case DType::kFloat64: return launch_all<double>(args, n_iter, stream, true);
+    case DType::kFloat16: return launch_all<__half>(args, n_iter, stream, true);
+    case DType::kBFloat16: return launch_all<__nv_bfloat16>(args, n_iter, stream, true);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_spectral_norms(const StepArgs& args, int n_iter, cudaStream_t stream) {
+  switch (args.dtype) {
+    case DType::kFloat32: return launch_all<float>(args, n_iter, stream, false);
+    case DType::kFloat64: return launch_all<double>(args, n_iter, stream, false);
+    case DType::kFloat16: return launch_all<__half>(args, n_iter, stream, false);
+    case DType::kBFloat16: return launch_all<__nv_bfloat16>(args, n_iter, stream, false);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_norms_backward(const StepArgs& args, cudaStream_t stream) {
+  switch (args.dtype) {
+    case DType::kFloat32: return launch_grad<float>(args, stream);
+    case DType::kFloat64: return launch_grad<double>(args, stream);
+    case DType::kFloat16: return launch_grad<__half>(args, stream);
+    case DType::kBFloat16: return launch_grad<__nv_bfloat16>(args, stream);
   }
   return cudaErrorInvalidValue;
 }

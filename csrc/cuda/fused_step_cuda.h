@@ -95,6 +95,18 @@ struct StepArgs {
   int32_t sigma_double;
   DType dtype;
   double lam;
+  // spectral_norms (launch_spectral_norms): the last iteration writes u (acc, at L.u_off of
+  // u_out) and the new v (in v's own dtype, at L.v_off of v_out_f or, for a float64 v, v_out_d;
+  // the caller's v bit for bit when no iteration updated it) there; the caller's v is only read.
+  void* u_out = nullptr;
+  void* v_out_f = nullptr;
+  void* v_out_d = nullptr;
+  // spectral_norms' backward (launch_norms_backward): grad_kernel forms
+  // G (+)= grad_scale[L.out] * u v^T, u read from L.W (acc type, contiguous) and v from L.v;
+  // grad_scale is float32, or float64 when scale_double.  Reads no workspace.
+  const void* grad_scale = nullptr;
+  int32_t scale_double = 0;
+  int32_t accumulate = 1;    // 0: G is overwritten (never read)
 };
 
 // Zeroes the counters and flags, then launches n_iter x (rows, columns) and one gradient kernel
@@ -102,6 +114,13 @@ struct StepArgs {
 // current in this library's runtime (DeviceScope in binding.cpp).  Returns the first error (no
 // synchronisation).
 cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream);
+
+// spectral_norms' forward: the memset and 2 * n_iter kernels of launch_fused_step without the
+// gradient kernel; args.u_out and the v_out of every v dtype present are set.
+cudaError_t launch_spectral_norms(const StepArgs& args, int n_iter, cudaStream_t stream);
+
+// spectral_norms' backward: one gradient kernel over every layer (args.grad_scale set).
+cudaError_t launch_norms_backward(const StepArgs& args, cudaStream_t stream);
 
 // This library's (static) CUDA runtime keeps its own current device, separate from torch's:
 // makes `device` current and returns the previous one in *previous (restore with set_device).
