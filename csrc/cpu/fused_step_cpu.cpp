@@ -33,6 +33,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -40,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -488,7 +491,9 @@ void store_vector(const acc_t* src, const at::Tensor& v) {
 }
 
 // The weight as a rows x cols matrix with column stride 1 (a copy only if no such view exists).
+// Called again before every step of a plan: a copy holds the values of the time it was made.
 void prepare_weight(Layer& l, const at::Tensor& w) {
+  l.W_hold = at::Tensor();
   if (w.is_contiguous()) {
     l.W = w.const_data_ptr();
     l.ldw = l.cols;
@@ -503,6 +508,8 @@ void prepare_weight(Layer& l, const at::Tensor& w) {
 
 // The gradient as a rows x cols strided matrix, or a copy that is written back afterwards.
 void prepare_grad(Layer& l, const at::Tensor& g) {
+  l.G_hold = at::Tensor();
+  l.G_out = at::Tensor();
   if (g.is_contiguous()) {
     l.G = g.mutable_data_ptr();
     l.ldg = l.cols;
@@ -517,17 +524,32 @@ void prepare_grad(Layer& l, const at::Tensor& g) {
   l.scg = m.stride(1);
 }
 
-// Matricizes weights (and gradients), groups layers by dtype, runs every group, writes v back.
-// Returns sigma [L]; fills us / vs_new when `outputs` is set (spectral_norms).
-at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* grads,
-               double lam, int64_t n_iter,
-               std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>* outputs) {
-  check_inputs(weights, vs, grads, n_iter);
+// The layers of one weight dtype and the sizes of their workspaces.
+struct Group {
+  at::ScalarType dtype;
+  std::vector<Layer*> layers;   // into Prepared::layers, in the caller's order
+  int64_t ws_size = 0, part_size = 0;
+};
+
+// What a call needs besides the values: the layer table (matricized shapes, pointers, bands,
+// workspace offsets) and the dtype groups.  A function of the tensors' metadata only, so a step
+// plan (below) keeps it across steps and refreshes only the pointers (refresh_pointers).
+struct Prepared {
+  std::vector<Layer> layers;
+  std::vector<Group> groups;    // in ScalarType order
+  at::ScalarType sigma_dtype = at::kFloat;
+  at::TensorOptions options;    // of the workspaces and sigma (the weights' device)
+};
+
+// Matricizes weights (and gradients), groups layers by dtype, lays out the workspaces.  The
+// inputs must have passed check_inputs.
+void prepare(Prepared& p, at::TensorList weights, const at::TensorList* grads) {
   const int64_t L = static_cast<int64_t>(weights.size());
-  std::vector<Layer> layers(L);
+  p.layers.assign(L, Layer{});
+  p.groups.clear();
   std::map<at::ScalarType, std::vector<Layer*>> groups;
   for (int64_t i = 0; i < L; ++i) {
-    Layer& l = layers[i];
+    Layer& l = p.layers[i];
     l.index = i;
     l.rows = weights[i].size(0);
     l.cols = matrix_cols(weights[i]);
@@ -535,35 +557,59 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
     if (grads != nullptr) prepare_grad(l, (*grads)[i]);
     groups[weights[i].scalar_type()].push_back(&l);
   }
-
   for (auto& kv : groups) {
-    const at::ScalarType acc = acc_type(kv.first);
-    int64_t size = 0, part_size = 0;
-    for (Layer* l : kv.second) {
-      l->ws_offset = size;
-      size += 2 * l->cols + l->rows;
+    Group g{kv.first, std::move(kv.second)};
+    for (Layer* l : g.layers) {
+      l->ws_offset = g.ws_size;
+      g.ws_size += 2 * l->cols + l->rows;
       l->bands = band_count(l->rows, l->cols);
       if (l->bands > 1) {   // 64-byte aligned rows of partial sums (at::empty is 64-byte aligned)
         l->part_ld = (l->cols + 15) / 16 * 16;
-        l->part_offset = part_size;
-        part_size += l->bands * l->part_ld;
+        l->part_offset = g.part_size;
+        g.part_size += l->bands * l->part_ld;
       }
     }
-    at::Tensor ws = at::empty({size}, weights[0].options().dtype(acc));
-    at::Tensor parts = at::empty({part_size}, weights[0].options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv.first, "spectral_ext_cpu", [&] {
+    p.groups.push_back(std::move(g));
+  }
+  p.sigma_dtype = sigma_type(weights);
+  p.options = weights[0].options();
+}
+
+// The pointers of a prepared table for the tensors as they are now (same metadata otherwise).
+void refresh_pointers(Prepared& p, at::TensorList weights, at::TensorList grads) {
+  for (Layer& l : p.layers) {
+    prepare_weight(l, weights[l.index]);
+    prepare_grad(l, grads[l.index]);
+  }
+}
+
+// Runs every group of a prepared table, writes v back (fused_step) or fills `outputs`
+// (spectral_norms), writes back gradient copies.  Returns sigma [L].
+at::Tensor execute(Prepared& p, at::TensorList vs, bool update, double lam, int64_t n_iter,
+                   std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>* outputs) {
+  for (Layer& l : p.layers) {   // the per-call state of each layer
+    l.scale_exp = 0;
+    l.scaled = false;
+    l.updated = false;
+    l.sigma = 0.0;
+  }
+  for (Group& g : p.groups) {
+    const at::ScalarType acc = acc_type(g.dtype);
+    at::Tensor ws = at::empty({g.ws_size}, p.options.dtype(acc));
+    at::Tensor parts = at::empty({g.part_size}, p.options.dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.dtype, "spectral_ext_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       acc_t* w = ws.mutable_data_ptr<acc_t>();
-      for (Layer* l : kv.second) load_vector(vs[l->index], w + l->ws_offset);
-      Kernel<scalar_t>::run_group(kv.second, w, parts.mutable_data_ptr<acc_t>(), n_iter,
-                                  grads != nullptr, lam);
+      for (Layer* l : g.layers) load_vector(vs[l->index], w + l->ws_offset);
+      Kernel<scalar_t>::run_group(g.layers, w, parts.mutable_data_ptr<acc_t>(), n_iter, update,
+                                  lam);
       if (outputs == nullptr) {   // a v that no iteration updated is left exactly as it was
-        for (Layer* l : kv.second) {
+        for (Layer* l : g.layers) {
           if (l->updated) store_vector(w + l->ws_offset, vs[l->index]);
         }
       }
     });
-    for (Layer* l : kv.second) {
+    for (Layer* l : g.layers) {
       if (outputs != nullptr) {
         outputs->first[l->index] = ws.narrow(0, l->ws_offset + 2 * l->cols, l->rows).clone();
         outputs->second[l->index] =
@@ -573,14 +619,190 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
       if (l->G_out.defined()) l->G_out.copy_(l->G_hold.view(l->G_out.sizes()));
     }
   }
-
-  at::Tensor sigma = at::empty({L}, weights[0].options().dtype(sigma_type(weights)));
+  const int64_t L = static_cast<int64_t>(p.layers.size());
+  at::Tensor sigma = at::empty({L}, p.options.dtype(p.sigma_dtype));
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "spectral_ext_sigma", [&] {
     scalar_t* s = sigma.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < L; ++i) s[i] = static_cast<scalar_t>(layers[i].sigma);
+    for (int64_t i = 0; i < L; ++i) s[i] = static_cast<scalar_t>(p.layers[i].sigma);
   });
   return sigma;
 }
+
+// The op path: checks, prepares and executes in one call.
+// Returns sigma [L]; fills us / vs_new when `outputs` is set (spectral_norms).
+at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* grads,
+               double lam, int64_t n_iter,
+               std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>* outputs) {
+  check_inputs(weights, vs, grads, n_iter);
+  Prepared p;
+  prepare(p, weights, grads);
+  return execute(p, vs, grads != nullptr, lam, n_iter, outputs);
+}
+
+// ---- The persistent step plan (issue 14 item 1) ---------------------------------------------
+//
+// An eager step through the op passes 3 x L tensors through the dispatcher (boxed into an
+// IValue list each), runs every input check and rebuilds the layer table: for 512 small layers
+// that is hundreds of microseconds of host work per step, as much as the kernel's own time.
+// A plan is built once from the weights and their vectors and keeps all of it: the tensors
+// (strong references: the memory it points into cannot be freed under it), the prepared layer
+// table, and a snapshot of every tensor's metadata.  Its step() takes no tensor at all: it
+// reads each weight's current .grad here (zero_grad(set_to_none=True) makes new ones every
+// step), compares the metadata with the snapshot, and runs the kernel of the op path on the
+// same table, so the results are bitwise those of the op.
+//
+// When are the full checks (check_inputs: the rules and messages of the op) needed again?
+//   * the first step, a .grad that is None (it is created, as the op path creates it), or any
+//     change of a weight's or vector's pointer, shape, strides, dtype or device (p.data = ...,
+//     set_(), a cast), or of a gradient's shape, strides, dtype or device: everything is checked
+//     and the table is prepared again;
+//   * gradients at new addresses with the snapshot's layout (set_to_none): only the rules that
+//     relate tensors to each other can change their answer (the same tensor twice, memory
+//     overlap), and they can only fail if some storage holds two of the tensors.  One hash pass
+//     (check_no_overlap with detect_only) answers that; only then do the full checks run.
+//   * nothing changed: no check.  Weights and vectors are held, so their memory cannot be
+//     reused, and each gradient covers exactly the bytes of the one checked before.
+// Gradients are not held between steps (that would keep a freed .grad alive across
+// zero_grad(set_to_none=True)); only their metadata is kept, and pointers are compared, never
+// followed.
+//
+// Why a torch custom class (torch::class_ in a TORCH_LIBRARY_FRAGMENT) and not an object of
+// the plain Python module (module.cpp): the arguments of a custom-class method are converted by
+// torch's own binding code (the constructor's Tensor lists once; step() gets two scalars), so no
+// Python-tensor unwrapping or torch_python headers are needed here, c10 errors reach Python as
+// ValueError / TypeError like the op's, and the plan is usable from C++ and TorchScript alike.
+class CpuStepPlan : public torch::CustomClassHolder {
+ public:
+  CpuStepPlan(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
+      : weights_(std::move(weights)), vs_(std::move(vs)) {
+    TORCH_CHECK_VALUE(weights_.size() == vs_.size(), "got ", weights_.size(), " weights but ",
+                      vs_.size(), " vectors (vs): one v per weight");
+    TORCH_CHECK_VALUE(!weights_.empty(), "the spectral_ext ops need at least one layer");
+    for (size_t i = 0; i < weights_.size(); ++i) {
+      TORCH_CHECK_VALUE(weights_[i].defined() && vs_[i].defined(), "a step plan needs defined "
+                        "tensors; weights[", i, "] or vs[", i, "] is undefined");
+    }
+  }
+
+  // One step: adds lam * sigma * u v^T to each weight's .grad (created as zeros where it is
+  // None) and updates the vectors; returns sigma [L].  None (nothing done) when the weights are
+  // no longer CPU tensors: the caller then takes the op path.
+  std::optional<at::Tensor> step(double lam, int64_t n_iter) {
+    check_lam(lam);
+    TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
+    if (!weights_[0].is_cpu()) return std::nullopt;
+    const size_t L = weights_.size();
+    grads_.resize(L);
+    bool missing = false;
+    for (size_t i = 0; i < L; ++i) {
+      grads_[i] = weights_[i].grad();
+      missing |= !grads_[i].defined();
+    }
+    // clear the gradients we hold on every way out: see "Gradients are not held" above
+    struct Release {
+      std::vector<at::Tensor>& g;
+      ~Release() { g.clear(); }
+    } release{grads_};
+    bool same = valid_ && !missing, moved = false;
+    for (size_t i = 0; same && i < L; ++i) {
+      same = w_meta_[i].same(weights_[i], true) && v_meta_[i].same(vs_[i], true) &&
+             g_meta_[i].same(grads_[i], false);
+      moved |= same && grads_[i].const_data_ptr() != g_meta_[i].ptr;
+    }
+    const at::TensorList grads(grads_);
+    if (!same || (moved && check_no_overlap(weights_, vs_, &grads, /*detect_only=*/true))) {
+      full_check(n_iter);   // throws before anything is changed
+      if (missing) create_missing_grads();
+      snapshot();
+      prepare(prep_, weights_, &grads);
+      ++full_checks_;
+    } else if (moved) {
+      for (size_t i = 0; i < L; ++i) g_meta_[i].ptr = grads_[i].const_data_ptr();
+    }
+    refresh_pointers(prep_, weights_, grads);
+    at::Tensor sigma = execute(prep_, vs_, /*update=*/true, lam, n_iter, nullptr);
+    for (Layer& l : prep_.layers) {   // copies of odd layouts are made again next step
+      l.W_hold = l.G_hold = l.G_out = at::Tensor();
+    }
+    return sigma;
+  }
+
+  // How many steps ran the full input checks (tests: the fast path must skip them).
+  int64_t full_checks() const { return full_checks_; }
+  int64_t num_layers() const { return static_cast<int64_t>(weights_.size()); }
+
+ private:
+  // A tensor's layout as the checks and the table saw it.
+  struct Meta {
+    const void* ptr = nullptr;
+    at::ScalarType dtype = at::kFloat;
+    c10::Device device{c10::kCPU};
+    std::vector<int64_t> sizes, strides;
+
+    void take(const at::Tensor& t) {
+      ptr = t.const_data_ptr();
+      dtype = t.scalar_type();
+      device = t.device();
+      sizes.assign(t.sizes().begin(), t.sizes().end());
+      strides.assign(t.strides().begin(), t.strides().end());
+    }
+    // same layout (and, with with_ptr, same address)
+    bool same(const at::Tensor& t, bool with_ptr) const {
+      return t.defined() && (!with_ptr || t.const_data_ptr() == ptr) && t.scalar_type() == dtype &&
+             t.device() == device && t.sizes() == at::IntArrayRef(sizes) &&
+             t.strides() == at::IntArrayRef(strides);
+    }
+  };
+
+  // The op path's checks, with the op path's messages.  A missing .grad is checked as the
+  // zeros the op path would create for it (fresh memory of the weight's layout: it passes
+  // every rule), after the same leaf rule as spectral_ext/_checks.py's resolve_grads.
+  void full_check(int64_t n_iter) {
+    std::vector<at::Tensor> grads(grads_);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].defined()) {
+        TORCH_CHECK_VALUE(weights_[i].is_leaf(), "weights[", i, "] is not a leaf tensor, so it "
+                          "has no .grad to add into; pass grads=... explicitly");
+        grads[i] = at::empty_like(weights_[i]);
+      }
+    }
+    const at::TensorList gl(grads);
+    check_inputs(weights_, vs_, &gl, n_iter);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads_[i].defined()) grads_[i] = grads[i];   // zeroed and attached on success only
+    }
+  }
+
+  // .grad = zeros_like(weight), as the op path does (at::zeros_like is empty_like + zero_).
+  void create_missing_grads() {
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      if (!weights_[i].grad().defined()) {
+        grads_[i].zero_();
+        weights_[i].mutable_grad() = grads_[i];
+      }
+    }
+  }
+
+  void snapshot() {
+    const size_t L = weights_.size();
+    w_meta_.resize(L);
+    v_meta_.resize(L);
+    g_meta_.resize(L);
+    for (size_t i = 0; i < L; ++i) {
+      w_meta_[i].take(weights_[i]);
+      v_meta_[i].take(vs_[i]);
+      g_meta_[i].take(grads_[i]);
+    }
+    valid_ = true;
+  }
+
+  std::vector<at::Tensor> weights_, vs_;
+  std::vector<at::Tensor> grads_;        // this step's gradients (cleared after each step)
+  std::vector<Meta> w_meta_, v_meta_, g_meta_;
+  Prepared prep_;
+  bool valid_ = false;
+  int64_t full_checks_ = 0;
+};
 
 // spectral_ext::fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam,
 //                          int n_iter) -> Tensor
@@ -606,6 +828,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectra
 TORCH_LIBRARY_IMPL(spectral_ext, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);
   m.impl("spectral_norms", &spectral_norms_cpu);
+}
+
+// torch.classes.spectral_ext.CpuStepPlan(weights, vs): the eager fast path of the regularizer
+// (spectral_ext/functional.py, make_step_plan); the schemas of the ops stay in _ops.py.
+TORCH_LIBRARY_FRAGMENT(spectral_ext, m) {
+  m.class_<CpuStepPlan>("CpuStepPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &CpuStepPlan::step)
+      .def("full_checks", &CpuStepPlan::full_checks)
+      .def("num_layers", &CpuStepPlan::num_layers);
 }
 
 }  // namespace spectral_ext
