@@ -131,6 +131,10 @@ else:
 if CPU_EXTENSION_ERROR is not None:
     CUDA_KERNELS_ERROR = CPU_EXTENSION_ERROR
 
+#: torch.classes.spectral_ext.CpuStepPlan (csrc/cpu/fused_step_cpu.cpp): the eager fast path of
+#: fused_step on CPU tensors (see functional.make_step_plan); None without the C++ extension.
+CpuStepPlan = torch.classes.spectral_ext.CpuStepPlan if CPU_EXTENSION_ERROR is None else None
+
 
 # ---- the Triton backend (optional) --------------------------------------------------------------
 

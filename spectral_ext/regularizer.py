@@ -52,7 +52,7 @@ from torch.nn.utils import parametrize
 
 from . import _checks, conv as _conv
 from .distributed import is_dtensor
-from .functional import fused_step, resolve_backend, spectral_norms
+from .functional import fused_step, make_step_plan, resolve_backend, spectral_norms
 from .reference import init_vectors
 
 __all__ = ["SpectralNormRegularizer", "DEFAULT_MODULE_TYPES", "collect_weights"]
@@ -290,6 +290,8 @@ class SpectralNormRegularizer(nn.Module):
         _install_hooks()
         self._model = _ModelRef(model)
         self._binding: Optional[_Binding] = None
+        # (binding, backend, vectors, plan) of the eager fast path (see _step_plan)
+        self._plan_state: Optional[Tuple] = None
         self._index_cache: Dict[Tuple, torch.Tensor] = {}
         self._conv: Optional[_conv.OperatorMode] = None
         if conv_norm == "operator":      # input-shaped vectors, created once sizes are known
@@ -305,6 +307,7 @@ class SpectralNormRegularizer(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self._model = _ModelRef(model)
         self._binding = None
+        self._plan_state = None
         self._bind()
         if self._conv is not None:
             self._conv.watch(self, model)
@@ -367,6 +370,7 @@ class SpectralNormRegularizer(nn.Module):
         device = found[0][3].device
         self._binding = _Binding(generation, params, mods, [s.key for s in self._sites],
                                  parametrized, sharded)
+        self._plan_state = None     # the plan holds the old tensors: drop it now
         if self.last_sigma.device != device:
             self.last_sigma = (torch.zeros_like(self.last_sigma, device=device)
                                if self.last_sigma.device.type == "meta"
@@ -424,6 +428,7 @@ class SpectralNormRegularizer(nn.Module):
             if t.is_floating_point() and out.dtype not in _checks.VECTOR_DTYPES:
                 out = t.to(device=out.device)
             return out
+        self._plan_state = None     # the vectors are replaced
         return super()._apply(keep_precision, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -454,7 +459,7 @@ class SpectralNormRegularizer(nn.Module):
             if k == "_model":
                 new.__dict__[k] = (_ModelRef(memo[id(model)]) if model is not None
                                    and id(model) in memo else v)
-            elif k in ("_binding",):
+            elif k in ("_binding", "_plan_state"):
                 new.__dict__[k] = None
             elif k == "_index_cache":
                 new.__dict__[k] = {}
@@ -467,6 +472,7 @@ class SpectralNormRegularizer(nn.Module):
         state = self.__dict__.copy()
         state["_model"] = None
         state["_binding"] = None
+        state["_plan_state"] = None
         state["_index_cache"] = {}
         return state
 
@@ -489,12 +495,39 @@ class SpectralNormRegularizer(nn.Module):
         if self._conv is not None:
             return self._operator_step(b, vs)
         if b.uniform and _all_require_grad(b.params):   # the common case: one call
-            sig = fused_step(b.params, vs, lam=self.lam, n_iter=self.n_iter, backend=self.backend)
+            # Eager: the persistent plan where the backend has one (no tensor lists passed, no
+            # checks repeated while nothing changed; bitwise the op's results).  Under
+            # torch.compile, and wherever there is no plan, the op.
+            plan = None if torch.compiler.is_compiling() else self._step_plan(b, vs)
+            sig = plan.step(self.lam, self.n_iter) if plan is not None else None
+            if sig is None:    # no plan, or the weights left the plan's device
+                if plan is not None:
+                    self._plan_state = None
+                sig = fused_step(b.params, vs, lam=self.lam, n_iter=self.n_iter,
+                                 backend=self.backend)
             self.last_sigma.copy_(sig)
             return sig
         active = self._active(b)
         order, parts = self._matricized_step(b, vs, active)
         return self._record(active, order, parts)
+
+    def _step_plan(self, b: _Binding, vs):
+        """The step plan (functional.make_step_plan) of the weights of binding ``b`` and these
+        vectors, built on first use and kept while both are the same objects: a rebinding (a
+        Parameter replaced, attach, load_state_dict(assign=True), a submodule swapped) makes a
+        new binding, and a vector replaced (reg.to(), load_state_dict(assign=True) on the
+        regularizer, a device move) fails the identity test.  None where there is no plan (another
+        backend, DTensor weights)."""
+        st = self._plan_state
+        if (st is not None and st[0] is b and st[1] == self.backend
+                and all(map(operator.is_, vs, st[2]))):
+            return st[3]
+        self._plan_state = None
+        if b.sharded:
+            return None
+        plan = make_step_plan(b.params, vs, backend=self.backend)
+        self._plan_state = (b, self.backend, vs, plan)
+        return plan
 
     def _matricized_step(self, b: _Binding, vs, active: List[int]):
         order, parts = [], []
