@@ -494,17 +494,17 @@ class SpectralNormRegularizer(nn.Module):
         vs = self.vs()
         if self._conv is not None:
             return self._operator_step(b, vs)
-        if b.uniform and _all_require_grad(b.params):   # the common case: one call
+        if b.uniform and not torch.compiler.is_compiling():
             # Eager: the persistent plan where the backend has one (no tensor lists passed, no
-            # checks repeated while nothing changed; bitwise the op's results).  Under
-            # torch.compile, and wherever there is no plan, the op.
-            plan = None if torch.compiler.is_compiling() else self._step_plan(b, vs)
+            # checks repeated while nothing changed; bitwise the op's results).  It declines
+            # (None, nothing done) when a weight is frozen or left the CPU: then as below.
+            plan = self._step_plan(b, vs)
             sig = plan.step(self.lam, self.n_iter) if plan is not None else None
-            if sig is None:    # no plan, or the weights left the plan's device
-                if plan is not None:
-                    self._plan_state = None
-                sig = fused_step(b.params, vs, lam=self.lam, n_iter=self.n_iter,
-                                 backend=self.backend)
+            if sig is not None:
+                self.last_sigma.copy_(sig)
+                return sig
+        if b.uniform and _all_require_grad(b.params):   # the common case: one call
+            sig = fused_step(b.params, vs, lam=self.lam, n_iter=self.n_iter, backend=self.backend)
             self.last_sigma.copy_(sig)
             return sig
         active = self._active(b)

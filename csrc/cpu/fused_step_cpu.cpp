@@ -68,6 +68,7 @@ struct Layer {
   int64_t ldg = 0, scg = 1;
   at::Tensor W_hold, G_hold;   // keep-alive of a copy made for a layout that is not 2-D strided
   at::Tensor G_out;            // defined when G_hold is a copy to be written back
+  bool W_copied = false, G_strided = false;   // a step plan must prepare these again each step
   int64_t ws_offset = 0;       // into the dtype group's workspace: v [cols], vp [cols], u [rows]
   int64_t bands = 1;           // row bands (band_count)
   int64_t part_offset = 0;     // into the group's partial sums: bands x part_ld (bands > 1)
@@ -494,6 +495,7 @@ void store_vector(const acc_t* src, const at::Tensor& v) {
 // Called again before every step of a plan: a copy holds the values of the time it was made.
 void prepare_weight(Layer& l, const at::Tensor& w) {
   l.W_hold = at::Tensor();
+  l.W_copied = false;
   if (w.is_contiguous()) {
     l.W = w.const_data_ptr();
     l.ldw = l.cols;
@@ -502,6 +504,7 @@ void prepare_weight(Layer& l, const at::Tensor& w) {
   at::Tensor m = w.reshape({l.rows, l.cols});
   if (l.cols > 1 && m.stride(1) != 1) m = m.contiguous();
   l.W_hold = m;
+  l.W_copied = !m.is_alias_of(w);
   l.W = m.const_data_ptr();
   l.ldw = m.stride(0);
 }
@@ -510,6 +513,7 @@ void prepare_weight(Layer& l, const at::Tensor& w) {
 void prepare_grad(Layer& l, const at::Tensor& g) {
   l.G_hold = at::Tensor();
   l.G_out = at::Tensor();
+  l.G_strided = false;
   if (g.is_contiguous()) {
     l.G = g.mutable_data_ptr();
     l.ldg = l.cols;
@@ -518,6 +522,7 @@ void prepare_grad(Layer& l, const at::Tensor& g) {
   }
   at::Tensor m = g.reshape({l.rows, l.cols});
   if (!m.is_alias_of(g)) l.G_out = g;  // reshape had to copy: write the result back
+  l.G_strided = true;
   l.G_hold = m;
   l.G = m.mutable_data_ptr();
   l.ldg = m.stride(0);
@@ -575,11 +580,14 @@ void prepare(Prepared& p, at::TensorList weights, const at::TensorList* grads) {
   p.options = weights[0].options();
 }
 
-// The pointers of a prepared table for the tensors as they are now (same metadata otherwise).
-void refresh_pointers(Prepared& p, at::TensorList weights, at::TensorList grads) {
+// The pointers of a prepared table for the tensors as they are now, whose layouts and (except
+// for moved gradients) addresses are those the table was prepared for: a weight's copy is made
+// again (it holds the values of its time), a gradient prepared again if it moved or is not
+// contiguous (its view or copy is of the tensor of its time).
+void refresh_pointers(Prepared& p, at::TensorList weights, at::TensorList grads, bool moved) {
   for (Layer& l : p.layers) {
-    prepare_weight(l, weights[l.index]);
-    prepare_grad(l, grads[l.index]);
+    if (l.W_copied) prepare_weight(l, weights[l.index]);
+    if (moved || l.G_strided) prepare_grad(l, grads[l.index]);
   }
 }
 
@@ -685,13 +693,17 @@ class CpuStepPlan : public torch::CustomClassHolder {
   }
 
   // One step: adds lam * sigma * u v^T to each weight's .grad (created as zeros where it is
-  // None) and updates the vectors; returns sigma [L].  None (nothing done) when the weights are
-  // no longer CPU tensors: the caller then takes the op path.
+  // None) and updates the vectors; returns sigma [L].  None, having done nothing, when the
+  // weights are no longer CPU tensors or some weight does not require grad (frozen): the
+  // caller then takes the op path, which knows what to do with those.
   std::optional<at::Tensor> step(double lam, int64_t n_iter) {
     check_lam(lam);
     TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
     if (!weights_[0].is_cpu()) return std::nullopt;
     const size_t L = weights_.size();
+    for (size_t i = 0; i < L; ++i) {
+      if (!weights_[i].requires_grad()) return std::nullopt;
+    }
     grads_.resize(L);
     bool missing = false;
     for (size_t i = 0; i < L; ++i) {
@@ -710,19 +722,22 @@ class CpuStepPlan : public torch::CustomClassHolder {
       moved |= same && grads_[i].const_data_ptr() != g_meta_[i].ptr;
     }
     const at::TensorList grads(grads_);
+    bool prepared = false;
     if (!same || (moved && check_no_overlap(weights_, vs_, &grads, /*detect_only=*/true))) {
       full_check(n_iter);   // throws before anything is changed
       if (missing) create_missing_grads();
       snapshot();
       prepare(prep_, weights_, &grads);
+      prepared = true;
       ++full_checks_;
     } else if (moved) {
       for (size_t i = 0; i < L; ++i) g_meta_[i].ptr = grads_[i].const_data_ptr();
     }
-    refresh_pointers(prep_, weights_, grads);
+    if (!prepared) refresh_pointers(prep_, weights_, grads, moved);
     at::Tensor sigma = execute(prep_, vs_, /*update=*/true, lam, n_iter, nullptr);
-    for (Layer& l : prep_.layers) {   // copies of odd layouts are made again next step
-      l.W_hold = l.G_hold = l.G_out = at::Tensor();
+    for (Layer& l : prep_.layers) {   // views and copies of odd layouts: made again next step
+      if (l.W_copied) l.W_hold = at::Tensor();
+      if (l.G_strided) l.G_hold = l.G_out = at::Tensor();
     }
     return sigma;
   }
