@@ -1,0 +1,180 @@
+// The tensors of a persistent step plan (issue 14 item 1), shared by the CPU plan
+// (csrc/cpu/fused_step_cpu.cpp) and the CUDA plan (csrc/cuda/binding.cpp).
+//
+// An eager step through the op passes 3 x L tensors through the dispatcher (boxed into an
+// IValue list each), runs every input check and rebuilds the layer table: for 512 small layers
+// that is hundreds of microseconds of host work per step.  A plan is built once from the
+// weights and their vectors and keeps them (strong references: the memory it points into cannot
+// be freed under it) with a snapshot of every tensor's metadata.  Its step takes no tensor: it
+// reads each weight's current .grad in C++ (zero_grad(set_to_none=True) makes new ones every
+// step) and compares the metadata with the snapshot.  What it finds:
+//   * kAll: the first step, a .grad that is None (created here as the op path creates it), or
+//     a change of a weight's or vector's pointer, shape, strides, dtype or device (p.data = ...,
+//     set_(), a cast), or of a gradient's shape, strides, dtype or device.  The full input checks
+//     (check_inputs: the op's rules and messages) ran and passed; the backend prepares its table
+//     again.
+//   * kGradsMoved: gradients at new addresses with the snapshot's layouts (set_to_none).  Only
+//     the rules relating tensors to each other (the same tensor twice, memory overlap) could
+//     change their answer, and only if some storage holds two of the tensors: one hash pass
+//     (check_no_overlap with detect_only) answers that, and the full checks run (kAll) only then.
+//   * kNone: nothing changed, nothing checked.  Weights and vectors are held, so their memory
+//     cannot be reused, and each gradient covers exactly the bytes of the one checked before.
+// Gradients are not held between steps (that would keep a freed .grad alive across
+// zero_grad(set_to_none=True)); only their metadata is kept, and their old pointers are compared,
+// never followed.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "spectral_ext.h"
+
+namespace spectral_ext {
+
+class PlanTensors {
+ public:
+  enum class Change { kNone, kGradsMoved, kAll };
+
+  PlanTensors(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
+      : weights_(std::move(weights)), vs_(std::move(vs)) {
+    TORCH_CHECK_VALUE(weights_.size() == vs_.size(), "got ", weights_.size(), " weights but ",
+                      vs_.size(), " vectors (vs): one v per weight");
+    TORCH_CHECK_VALUE(!weights_.empty(), "the spectral_ext ops need at least one layer");
+    for (size_t i = 0; i < weights_.size(); ++i) {
+      TORCH_CHECK_VALUE(weights_[i].defined() && vs_[i].defined(), "a step plan needs defined "
+                        "tensors; weights[", i, "] or vs[", i, "] is undefined");
+    }
+  }
+
+  // Whether a step can run here: the weights are (still) on `type` and every one requires grad.
+  // Otherwise the plan declines and its caller takes the op path, which knows what to do with
+  // frozen weights (skip them) or another device.
+  bool applies(c10::DeviceType type) const {
+    if (weights_[0].device().type() != type) return false;
+    for (const auto& w : weights_) {
+      if (!w.requires_grad()) return false;
+    }
+    return true;
+  }
+
+  // Reads this step's gradients and says what changed (see above).  Throws, having changed
+  // nothing, when the full checks fail.  Pair with end() (Step below does).
+  Change begin(int64_t n_iter) {
+    const size_t L = weights_.size();
+    grads_.resize(L);
+    bool missing = false;
+    for (size_t i = 0; i < L; ++i) {
+      grads_[i] = weights_[i].grad();
+      missing |= !grads_[i].defined();
+    }
+    bool same = valid_ && !missing, moved = false;
+    for (size_t i = 0; same && i < L; ++i) {
+      same = w_meta_[i].same(weights_[i], true) && v_meta_[i].same(vs_[i], true) &&
+             g_meta_[i].same(grads_[i], false);
+      moved |= same && grads_[i].const_data_ptr() != g_meta_[i].ptr;
+    }
+    const at::TensorList grads(grads_);
+    if (same && !moved) return Change::kNone;
+    if (same && !check_no_overlap(weights_, vs_, &grads, /*detect_only=*/true)) {
+      for (size_t i = 0; i < L; ++i) g_meta_[i].ptr = grads_[i].const_data_ptr();
+      return Change::kGradsMoved;
+    }
+    full_check(n_iter);   // throws before anything is changed
+    if (missing) create_missing_grads();
+    snapshot();
+    ++full_checks_;
+    return Change::kAll;
+  }
+
+  void end() { grads_.clear(); }
+
+  // begin() in the constructor, end() on every way out.
+  struct Step {
+    Step(PlanTensors& t, int64_t n_iter) : t(t), change(t.begin(n_iter)) {}
+    ~Step() { t.end(); }
+    PlanTensors& t;
+    const Change change;
+  };
+
+  const std::vector<at::Tensor>& weights() const { return weights_; }
+  const std::vector<at::Tensor>& vs() const { return vs_; }
+  const std::vector<at::Tensor>& grads() const { return grads_; }   // between begin and end
+  // How many steps ran the full input checks (tests: the fast path must skip them).
+  int64_t full_checks() const { return full_checks_; }
+
+ private:
+  // A tensor's layout as the checks and the table saw it.
+  struct Meta {
+    const void* ptr = nullptr;
+    at::ScalarType dtype = at::kFloat;
+    c10::Device device{c10::kCPU};
+    std::vector<int64_t> sizes, strides;
+
+    void take(const at::Tensor& t) {
+      ptr = t.const_data_ptr();
+      dtype = t.scalar_type();
+      device = t.device();
+      sizes.assign(t.sizes().begin(), t.sizes().end());
+      strides.assign(t.strides().begin(), t.strides().end());
+    }
+    // same layout (and, with with_ptr, same address)
+    bool same(const at::Tensor& t, bool with_ptr) const {
+      return t.defined() && (!with_ptr || t.const_data_ptr() == ptr) &&
+             t.scalar_type() == dtype && t.device() == device &&
+             t.sizes() == at::IntArrayRef(sizes) && t.strides() == at::IntArrayRef(strides);
+    }
+  };
+
+  // The op path's checks, with the op path's messages.  A missing .grad is checked as the
+  // zeros the op path would create for it (fresh memory of the weight's layout: it passes
+  // every rule), after the leaf rule of spectral_ext/_checks.py's resolve_grads.
+  void full_check(int64_t n_iter) {
+    std::vector<at::Tensor> grads(grads_);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].defined()) {
+        TORCH_CHECK_VALUE(weights_[i].is_leaf(), "weights[", i, "] is not a leaf tensor, so it "
+                          "has no .grad to add into; pass grads=... explicitly");
+        grads[i] = at::empty_like(weights_[i]);
+      }
+    }
+    const at::TensorList gl(grads);
+    check_inputs(weights_, vs_, &gl, n_iter);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads_[i].defined()) grads_[i] = grads[i];   // zeroed and attached on success only
+    }
+  }
+
+  // .grad = zeros_like(weight), as the op path does (at::zeros_like is empty_like + zero_).
+  void create_missing_grads() {
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      if (!weights_[i].grad().defined()) {
+        grads_[i].zero_();
+        weights_[i].mutable_grad() = grads_[i];
+      }
+    }
+  }
+
+  void snapshot() {
+    const size_t L = weights_.size();
+    w_meta_.resize(L);
+    v_meta_.resize(L);
+    g_meta_.resize(L);
+    for (size_t i = 0; i < L; ++i) {
+      w_meta_[i].take(weights_[i]);
+      v_meta_[i].take(vs_[i]);
+      g_meta_[i].take(grads_[i]);
+    }
+    valid_ = true;
+  }
+
+  std::vector<at::Tensor> weights_, vs_;
+  std::vector<at::Tensor> grads_;   // this step's gradients (cleared by end())
+  std::vector<Meta> w_meta_, v_meta_, g_meta_;
+  bool valid_ = false;
+  int64_t full_checks_ = 0;
+};
+
+}  // namespace spectral_ext
