@@ -27,6 +27,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -36,7 +38,7 @@ namespace spectral_ext {
 
 class PlanTensors {
  public:
-  enum class Change { kNone, kGradsMoved, kAll };
+  enum class Change { kDeclined, kNone, kGradsMoved, kAll };
 
   PlanTensors(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
       : weights_(std::move(weights)), vs_(std::move(vs)) {
@@ -49,37 +51,35 @@ class PlanTensors {
     }
   }
 
-  // Whether a step can run here: the weights are (still) on `type` and every one requires grad.
-  // Otherwise the plan declines and its caller takes the op path, which knows what to do with
-  // frozen weights (skip them) or another device.
-  bool applies(c10::DeviceType type) const {
-    if (weights_[0].device().type() != type) return false;
-    for (const auto& w : weights_) {
-      if (!w.requires_grad()) return false;
-    }
-    return true;
-  }
-
-  // Reads this step's gradients and says what changed (see above).  Throws, having changed
-  // nothing, when the full checks fail.  Pair with end() (Step below does).
-  Change begin(int64_t n_iter) {
+  // Reads this step's gradients and says what changed (see above).  kDeclined, having done
+  // nothing, when the weights are no longer on `type` or some weight does not require grad:
+  // the caller then takes the op path, which knows what to do with frozen weights (skip them)
+  // or another device.  Throws, having changed nothing, when the full checks fail.  Pair with
+  // end() (Step below does).  The common case, kNone, touches each tensor's metadata once and
+  // copies no tensor handle: for 512 layers this loop is most of the plan's host time.
+  Change begin(int64_t n_iter, c10::DeviceType type) {
+    if (weights_[0].device().type() != type) return Change::kDeclined;
     const size_t L = weights_.size();
+    bool same = valid_, moved = false;
+    for (size_t i = 0; i < L; ++i) {
+      const c10::TensorImpl* w = weights_[i].unsafeGetTensorImpl();
+      if (!w->requires_grad()) return Change::kDeclined;
+      if (!same) continue;
+      const at::Tensor& g = w->grad();   // (at::Tensor::grad() adds a non-leaf warning test)
+      const LayerMeta& m = meta_[i];
+      same = m.w.same(weights_[i], true) && m.v.same(vs_[i], true) && m.g.same(g, false);
+      moved |= same && Meta::address(g) != m.g.ptr;
+    }
+    if (same && !moved) return Change::kNone;
     grads_.resize(L);
     bool missing = false;
     for (size_t i = 0; i < L; ++i) {
       grads_[i] = weights_[i].grad();
       missing |= !grads_[i].defined();
     }
-    bool same = valid_ && !missing, moved = false;
-    for (size_t i = 0; same && i < L; ++i) {
-      same = w_meta_[i].same(weights_[i], true) && v_meta_[i].same(vs_[i], true) &&
-             g_meta_[i].same(grads_[i], false);
-      moved |= same && grads_[i].const_data_ptr() != g_meta_[i].ptr;
-    }
     const at::TensorList grads(grads_);
-    if (same && !moved) return Change::kNone;
     if (same && !check_no_overlap(weights_, vs_, &grads, /*detect_only=*/true)) {
-      for (size_t i = 0; i < L; ++i) g_meta_[i].ptr = grads_[i].const_data_ptr();
+      for (size_t i = 0; i < L; ++i) meta_[i].g.ptr = Meta::address(grads_[i]);
       return Change::kGradsMoved;
     }
     full_check(n_iter);   // throws before anything is changed
@@ -93,7 +93,8 @@ class PlanTensors {
 
   // begin() in the constructor, end() on every way out.
   struct Step {
-    Step(PlanTensors& t, int64_t n_iter) : t(t), change(t.begin(n_iter)) {}
+    Step(PlanTensors& t, int64_t n_iter, c10::DeviceType type)
+        : t(t), change(t.begin(n_iter, type)) {}
     ~Step() { t.end(); }
     PlanTensors& t;
     const Change change;
@@ -101,7 +102,14 @@ class PlanTensors {
 
   const std::vector<at::Tensor>& weights() const { return weights_; }
   const std::vector<at::Tensor>& vs() const { return vs_; }
-  const std::vector<at::Tensor>& grads() const { return grads_; }   // between begin and end
+  // This step's gradients (between begin and end; begin reads them only when something changed)
+  const std::vector<at::Tensor>& grads() {
+    if (grads_.empty()) {
+      grads_.reserve(weights_.size());
+      for (const auto& w : weights_) grads_.push_back(w.grad());
+    }
+    return grads_;
+  }
   // How many steps ran the full input checks (tests: the fast path must skip them).
   int64_t full_checks() const { return full_checks_; }
 
@@ -111,10 +119,20 @@ class PlanTensors {
     const void* ptr = nullptr;
     at::ScalarType dtype = at::kFloat;
     c10::Device device{c10::kCPU};
-    std::vector<int64_t> sizes, strides;
+    // inline up to 5 dimensions: the table of all layers' metadata is one array, read in order
+    c10::SmallVector<int64_t, 5> sizes, strides;
 
+    // The address of t's first element, read from the TensorImpl and its storage directly
+    // (const_data_ptr() adds checks that cost more than the whole comparison); nullptr for
+    // a tensor without storage (a sparse .grad: never the same as a checked one).
+    static const void* address(const at::Tensor& t) {
+      const c10::TensorImpl* i = t.unsafeGetTensorImpl();
+      if (!t.defined() || !i->has_storage()) return nullptr;
+      return static_cast<const char*>(i->unsafe_storage().data()) +
+             i->storage_offset() * static_cast<int64_t>(i->itemsize());
+    }
     void take(const at::Tensor& t) {
-      ptr = t.const_data_ptr();
+      ptr = address(t);
       dtype = t.scalar_type();
       device = t.device();
       sizes.assign(t.sizes().begin(), t.sizes().end());
@@ -122,9 +140,15 @@ class PlanTensors {
     }
     // same layout (and, with with_ptr, same address)
     bool same(const at::Tensor& t, bool with_ptr) const {
-      return t.defined() && (!with_ptr || t.const_data_ptr() == ptr) &&
-             t.scalar_type() == dtype && t.device() == device &&
-             t.sizes() == at::IntArrayRef(sizes) && t.strides() == at::IntArrayRef(strides);
+      if (!t.defined()) return false;
+      const c10::TensorImpl* i = t.unsafeGetTensorImpl();
+      const auto sz = i->sizes();
+      const auto st = i->strides();
+      if (sz.size() != sizes.size()) return false;
+      for (size_t d = 0; d < sizes.size(); ++d) {
+        if (sz[d] != sizes[d] || st[d] != strides[d]) return false;
+      }
+      return i->dtype() == dtype && i->device() == device && (!with_ptr || address(t) == ptr);
     }
   };
 
@@ -159,20 +183,21 @@ class PlanTensors {
 
   void snapshot() {
     const size_t L = weights_.size();
-    w_meta_.resize(L);
-    v_meta_.resize(L);
-    g_meta_.resize(L);
+    meta_.resize(L);
     for (size_t i = 0; i < L; ++i) {
-      w_meta_[i].take(weights_[i]);
-      v_meta_[i].take(vs_[i]);
-      g_meta_[i].take(grads_[i]);
+      meta_[i].w.take(weights_[i]);
+      meta_[i].v.take(vs_[i]);
+      meta_[i].g.take(grads_[i]);
     }
     valid_ = true;
   }
 
   std::vector<at::Tensor> weights_, vs_;
   std::vector<at::Tensor> grads_;   // this step's gradients (cleared by end())
-  std::vector<Meta> w_meta_, v_meta_, g_meta_;
+  struct LayerMeta {
+    Meta w, v, g;
+  };
+  std::vector<LayerMeta> meta_;
   bool valid_ = false;
   int64_t full_checks_ = 0;
 };

@@ -243,16 +243,16 @@ def make_step_plan(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], 
     None, doing nothing, once the weights are no longer CPU tensors.  An eager fast path only:
     never call it under ``torch.compile`` (the regularizer uses the op there).
 
-    There is a plan for the C++ CPU backend only: None for another backend, for DTensor weights
-    and when the C++ extension is missing.  Bad backend names or placements raise as in
-    ``fused_step``.
+    There are plans for the C++ backends, "cpu" and "cuda": None for the others ("reference",
+    "triton"), for DTensor weights and where the kernels are not built.  Bad backend names or
+    placements raise as in ``fused_step``.
     """
     weights, vs = _checks.as_list("weights", weights), _checks.as_list("vs", vs)
-    if _ops.CpuStepPlan is None or not weights or distributed.any_dtensor(weights):
+    if not weights or distributed.any_dtensor(weights):
         return None
-    if resolve_backend(weights, backend) != "cpu":
-        return None
-    return _ops.CpuStepPlan(weights, vs)
+    plan = {"cpu": _ops.CpuStepPlan, "cuda": _ops.CudaStepPlan}.get(
+        resolve_backend(weights, backend))
+    return None if plan is None else plan(weights, vs)
 
 
 def spectral_norms(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], n_iter: int = 1,

@@ -448,3 +448,115 @@ def test_deepcopy_and_pickle_drop_the_plan():
     assert _plan_of(reg) is not None
     assert copy.deepcopy(reg)._plan_state is None
     assert reg.__getstate__()["_plan_state"] is None
+
+
+# ---- the CUDA plan (csrc/cuda/binding.cpp), through the CPU emulation of the CUDA binding -------
+
+def _emu():
+    import cuda_emulation
+    reason = cuda_emulation.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    ops = cuda_emulation.load()
+    return ops, torch.classes.spectral_ext_emu.CudaStepPlan
+
+
+def _emu_weights():
+    """Awkward shapes and layouts, small enough for the emulation (a fiber per CUDA thread)."""
+    return [
+        _leaf(torch.randn(1, 97)),
+        _leaf(torch.randn(131, 1)),
+        _leaf(torch.randn(65, 130)),
+        _leaf(torch.randn(6, 5, 3, 3).to(memory_format=torch.channels_last)),   # copied
+        _leaf(torch.randn(40, 33).t()),
+        _leaf(torch.randn(48, 80)[:, ::2]),
+        _leaf(torch.randn(17, 29, dtype=torch.float64)),
+        _leaf(torch.randn(33, 64).to(torch.bfloat16)),
+        _leaf(torch.randn(19, 72).to(torch.float16)),
+    ]
+
+
+def _emu_op_step(ops, ws, vs, n_iter):
+    """The emulated op on the weights' .grad (created as the op path creates them)."""
+    from spectral_ext import _checks
+    grads = _checks.resolve_grads(ws, None, vs)
+    return ops.fused_step(ws, vs, grads, LAM, n_iter)
+
+
+@pytest.mark.parametrize("copied_layer", [True, False])
+def test_cuda_plan_equals_the_cuda_op_bitwise(copied_layer):
+    ops, Plan = _emu()
+    ws = _emu_weights()
+    if not copied_layer:        # every table reusable: the fast path without descriptions
+        del ws[3]
+    for w, g in zip(ws, _awkward_grads(ws)):
+        w.grad = g
+    ws[1].grad = None           # created by the plan
+    vs = _vectors(ws)
+    ws2, vs2 = _twin(ws, vs)
+    plan = Plan(ws, vs)
+    for it in range(4):
+        if it == 2:             # new gradients, same layouts (zero_grad(set_to_none=True))
+            for w, w2 in zip(ws, ws2):
+                g = _copy(torch.randn(w.shape, dtype=w.dtype).as_strided(w.grad.shape,
+                                                                          w.grad.stride()))
+                w.grad, w2.grad = g, _copy(g)
+        sig = plan.step(LAM, 1 + it % 2)
+        sig2 = _emu_op_step(ops, ws2, vs2, 1 + it % 2)
+        _assert_same(ws, vs, ws2, vs2, sig, sig2)
+        _sgd(ws)
+        _sgd(ws2)
+    assert plan.full_checks() == 1
+
+
+def test_cuda_plan_reuses_its_tables_and_raises_the_ops_errors():
+    ops, Plan = _emu()
+    ws, vs = _small()
+    plan = Plan(ws, vs)
+    ops.clear_plans()
+    plan.step(LAM, 1)
+    assert ops.cached_plans() == 1
+    plan.step(LAM, 1)                 # nothing changed: the plan's own table, no lookup
+    assert ops.cached_plans() == 1 and plan.full_checks() == 1
+    ws[0].grad = torch.randn(6, 4).t()   # a new layout: checked again, a new table
+    plan.step(LAM, 1)
+    assert ops.cached_plans() == 2 and plan.full_checks() == 2
+    for lam, n_iter in ((-1.0, 1), (LAM, 0), (LAM, 2000000)):
+        snap = _snapshot(ws, vs)
+        with pytest.raises(ValueError) as op_err:
+            ops.fused_step(ws, vs, [w.grad for w in ws], lam, n_iter)
+        with pytest.raises(ValueError) as plan_err:
+            plan.step(lam, n_iter)
+        assert str(plan_err.value) == str(op_err.value)
+        _unchanged(ws, vs, snap)
+    buf = torch.randn(64)             # a gradient overlapping another: the op's error
+    ws[0].grad, ws[1].grad = buf[:24].view(4, 6), buf[20:44].view(3, 2, 2, 2)
+    snap = _snapshot(ws, vs)
+    with pytest.raises(ValueError) as op_err:
+        ops.fused_step(ws, vs, [w.grad for w in ws], LAM, 1)
+    with pytest.raises(ValueError) as plan_err:
+        plan.step(LAM, 1)
+    assert str(plan_err.value) == str(op_err.value)
+    _unchanged(ws, vs, snap)
+    ws[0].requires_grad_(False)       # frozen: the plan declines, the caller takes the op path
+    assert plan.step(LAM, 1) is None
+
+
+GPU = se.available_backends()["cuda"].available
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and the CUDA kernels")
+def test_regularizer_on_cuda_uses_the_plan_and_matches_the_op_path():
+    model = Net().cuda()
+    model2 = copy.deepcopy(model)
+    reg = se.SpectralNormRegularizer(model, backend="cuda")
+    reg2 = _op_only(se.SpectralNormRegularizer(model2, backend="cuda"))
+    for _ in range(4):
+        x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+        for m in (model, model2):
+            m.zero_grad(set_to_none=True)
+            _backward(m, x, y)
+        assert torch.equal(reg.step(), reg2.step())
+        for p, p2 in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p.grad, p2.grad)
+    assert _plan_of(reg) is not None and _plan_of(reg).full_checks() >= 1

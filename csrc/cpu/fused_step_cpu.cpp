@@ -581,14 +581,14 @@ void prepare(Prepared& p, at::TensorList weights, const at::TensorList* grads) {
   p.options = weights[0].options();
 }
 
-// The pointers of a prepared table for the tensors as they are now, whose layouts and (except
-// for moved gradients) addresses are those the table was prepared for: a weight's copy is made
-// again (it holds the values of its time), a gradient prepared again if it moved or is not
-// contiguous (its view or copy is of the tensor of its time).
-void refresh_pointers(Prepared& p, at::TensorList weights, at::TensorList grads, bool moved) {
+// The pointers of a step plan's prepared table for the tensors as they are now, whose layouts
+// and (except for moved gradients) addresses are those the table was prepared for: a weight's
+// copy is made again (it holds the values of its time), a gradient (each weight's .grad)
+// prepared again if it moved or is not contiguous (its view or copy is of the tensor of its time).
+void refresh_pointers(Prepared& p, at::TensorList weights, bool moved) {
   for (Layer& l : p.layers) {
     if (l.W_copied) prepare_weight(l, weights[l.index]);
-    if (moved || l.G_strided) prepare_grad(l, grads[l.index]);
+    if (moved || l.G_strided) prepare_grad(l, weights[l.index].grad());
   }
 }
 
@@ -673,13 +673,13 @@ class CpuStepPlan : public torch::CustomClassHolder {
   std::optional<at::Tensor> step(double lam, int64_t n_iter) {
     check_lam(lam);
     TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
-    if (!t_.applies(c10::DeviceType::CPU)) return std::nullopt;
-    const PlanTensors::Step s(t_, n_iter);
-    const at::TensorList grads(t_.grads());
+    const PlanTensors::Step s(t_, n_iter, c10::DeviceType::CPU);
+    if (s.change == PlanTensors::Change::kDeclined) return std::nullopt;
     if (s.change == PlanTensors::Change::kAll) {
+      const at::TensorList grads(t_.grads());
       prepare(prep_, t_.weights(), &grads);
     } else {
-      refresh_pointers(prep_, t_.weights(), grads, s.change == PlanTensors::Change::kGradsMoved);
+      refresh_pointers(prep_, t_.weights(), s.change == PlanTensors::Change::kGradsMoved);
     }
     at::Tensor sigma = execute(prep_, t_.vs(), /*update=*/true, lam, n_iter, nullptr);
     for (Layer& l : prep_.layers) {   // views and copies of odd layouts: made again next step

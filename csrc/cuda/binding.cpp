@@ -27,6 +27,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -45,6 +46,7 @@
 
 #include "../build_info.h"
 #include "../spectral_ext.h"
+#include "../step_plan.h"
 #include "fused_step_cuda.h"
 
 
@@ -288,13 +290,13 @@ void check_launch(cudaError_t e) {
   TORCH_CHECK(false, "spectral_ext CUDA kernel launch failed: ", cudaGetErrorString(e));
 }
 
-void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::TensorList vs,
-               at::TensorList grads, double lam, int64_t n_iter, const at::Tensor& sigma,
-               const std::optional<c10::Stream>& torch_stream, cudaStream_t stream,
-               std::vector<Operand>& keep) {
+// The layer table of one dtype group (the layers `idx`): described, then found in the cache or
+// built and uploaded.  Copies made for layouts with no strided view go to `keep`.
+std::shared_ptr<Plan> table_for(const std::vector<int64_t>& idx, at::TensorList weights,
+                                at::TensorList vs, at::TensorList grads, cudaStream_t stream,
+                                std::vector<Operand>& keep) {
   const at::Device device = weights[0].device();
-  const at::ScalarType wt = weights[idx[0]].scalar_type();
-  const DType dt = dtype_of(wt);
+  const DType dt = dtype_of(weights[idx[0]].scalar_type());
   std::vector<LayerDesc> descs;
   descs.reserve(idx.size());
   for (int64_t i : idx) {
@@ -304,15 +306,23 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
   std::string key(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(LayerDesc));
   key += '/' + std::to_string(device.index()) + '/' + std::to_string(static_cast<int>(dt));
   std::shared_ptr<Plan> plan = plan_cache().get(key);
-  const bool capturing = stream_is_capturing(stream);
   if (!plan) {
-    TORCH_CHECK(!capturing,
+    TORCH_CHECK(!stream_is_capturing(stream),
                 "spectral_ext.fused_step (CUDA): these tensors have no cached layer table yet, "
                 "and uploading one is not allowed while the stream is captured into a CUDA "
                 "graph; run one step with the same tensors before capturing (warm-up)");
     plan = build_plan(descs, device, stream);
     plan_cache().put(key, plan);
-  } else if (plan->stream != stream && !capturing) {
+  }
+  return plan;
+}
+
+// The launches of one dtype group with its table, on `stream`.
+void launch_group(Plan* plan, DType dt, const at::Device& device, double lam, int64_t n_iter,
+                  const at::Tensor& sigma, const std::optional<c10::Stream>& torch_stream,
+                  cudaStream_t stream) {
+  const bool capturing = stream_is_capturing(stream);
+  if (plan->stream != stream && !capturing) {
     // a table uploaded on another stream: order this stream after the upload (no host sync).
     // Under capture the caller has already made the capturing stream wait for the warm-up.
     const cudaError_t e = wait_event(stream, plan->uploaded);
@@ -326,7 +336,7 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
     // (and every executable graph made from it) is destroyed.  Should the runtime refuse the
     // user object, the table stays pinned for the life of the process instead.
     plan->graph_refs.fetch_add(1, std::memory_order_acq_rel);
-    if (retain_for_graph(stream, plan.get(), &release_plan_from_graph) != cudaSuccess) {
+    if (retain_for_graph(stream, plan, &release_plan_from_graph) != cudaSuccess) {
 #ifndef SPECTRAL_EXT_EMULATE
       cudaGetLastError();
 #endif
@@ -401,6 +411,47 @@ class DeviceScope {
 int g_emulated_device = 0;   // the device index the emulation treats its CPU tensors as on
 #endif
 
+// The device the kernels run on (the emulation: a CPU "device"), made current for a call in
+// torch (allocations, copies) and in this library's runtime (events, memsets, launches), both
+// restored on return, and torch's current stream there.
+#ifdef SPECTRAL_EXT_EMULATE
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+#endif
+class OnDevice {
+ public:
+  explicit OnDevice(const at::Device& device)
+#ifdef SPECTRAL_EXT_EMULATE
+      : runtime_device_(g_emulated_device) {
+  }
+#else
+      : torch_device_(device), runtime_device_(device.index()) {
+    const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    torch_stream = guard->getStream(device);
+    stream = static_cast<cudaStream_t>(torch_stream->native_handle());
+  }
+#endif
+  std::optional<c10::Stream> torch_stream;
+  cudaStream_t stream = nullptr;
+
+ private:
+#ifndef SPECTRAL_EXT_EMULATE
+  const c10::DeviceGuard torch_device_;
+#endif
+  DeviceScope runtime_device_;
+};
+
+void check_device_and_n_iter(const at::Device& device, int64_t n_iter) {
+  TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
+#ifdef SPECTRAL_EXT_EMULATE
+  TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
+#else
+  TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::fused_step got tensors "
+                    "on ", device);
+#endif
+}
+
 // spectral_ext::fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam,
 //                          int n_iter) -> Tensor
 at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::TensorList grads,
@@ -408,23 +459,10 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   check_lam(lam);
   check_inputs(weights, vs, &grads, n_iter);
   const at::Device device = weights[0].device();
-  TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
-#ifdef SPECTRAL_EXT_EMULATE
-  TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
-  const std::optional<c10::Stream> torch_stream;
-  cudaStream_t stream = nullptr;
-  DeviceScope runtime_device(g_emulated_device);
-#else
-  TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::fused_step got tensors "
-                    "on ", device);
-  // the tensors' device, current in torch (allocations, copies) and in this library's runtime
-  // (events, memsets, launches), both restored on return
-  const c10::DeviceGuard torch_device(device);
-  DeviceScope runtime_device(device.index());
-  const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  const std::optional<c10::Stream> torch_stream = guard->getStream(device);
-  auto stream = static_cast<cudaStream_t>(torch_stream->native_handle());
-#endif
+  check_device_and_n_iter(device, n_iter);
+  const OnDevice on(device);
+  const auto& torch_stream = on.torch_stream;
+  cudaStream_t stream = on.stream;
 
   at::Tensor sigma = at::empty({static_cast<int64_t>(weights.size())},
                                weights[0].options().dtype(sigma_type(weights)));
@@ -435,13 +473,83 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   std::vector<Operand> keep;
   keep.reserve(weights.size());
   for (const auto& kv : groups) {
-    run_group(kv.second, weights, vs, grads, lam, n_iter, sigma, torch_stream, stream, keep);
+    std::shared_ptr<Plan> plan = table_for(kv.second, weights, vs, grads, stream, keep);
+    launch_group(plan.get(), dtype_of(kv.first), device, lam, n_iter, sigma, torch_stream, stream);
   }
   for (auto& k : keep) {   // gradients that had to be copied: write the result back
     if (k.G_out.defined()) k.G_out.copy_(k.G_hold.view(k.G_out.sizes()));
   }
   return sigma;
 }
+
+// The persistent step plan of this backend (issue 14 item 1; the tensors, the change test and
+// the checks: ../step_plan.h; why a torch custom class: csrc/cpu/fused_step_cpu.cpp).  It keeps
+// each dtype group's table (the same cached, uploaded table the op would find): while nothing
+// changed (PlanTensors::Change::kNone) a step only allocates the workspace and launches, with
+// no description, key or cache lookup.  Gradients that moved, a full check, or any layer whose
+// weight or gradient needs a copy (its table points into the copy, made anew each step) take
+// the op's way to the tables (table_for).  The launches are the op's: results are bitwise the
+// op's.
+class CudaStepPlan : public torch::CustomClassHolder {
+ public:
+  CudaStepPlan(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
+      : t_(std::move(weights), std::move(vs)) {}
+
+  // As CpuStepPlan::step; None (nothing done) when the weights left the kernels' device or a
+  // weight is frozen.
+  std::optional<at::Tensor> step(double lam, int64_t n_iter) {
+    check_lam(lam);
+    TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
+    TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
+    const PlanTensors::Step s(t_, n_iter, kKernelDevice);
+    if (s.change == PlanTensors::Change::kDeclined) return std::nullopt;
+    const auto& weights = t_.weights();
+    const at::Device device = weights[0].device();
+    const OnDevice on(device);
+    if (s.change != PlanTensors::Change::kNone || !reusable_) {
+      const at::TensorList grads(t_.grads());
+      std::map<at::ScalarType, std::vector<int64_t>> by_dtype;
+      for (size_t i = 0; i < weights.size(); ++i) {
+        by_dtype[weights[i].scalar_type()].push_back(static_cast<int64_t>(i));
+      }
+      groups_.clear();
+      keep_.clear();
+      keep_.reserve(weights.size());
+      for (const auto& kv : by_dtype) {
+        groups_.push_back({dtype_of(kv.first), table_for(kv.second, weights, t_.vs(), grads,
+                                                         on.stream, keep_)});
+      }
+      reusable_ = true;
+      for (const auto& k : keep_) reusable_ &= !k.W_hold.defined() && !k.G_hold.defined();
+      sigma_dtype_ = sigma_type(weights);
+    }
+    at::Tensor sigma = at::empty({static_cast<int64_t>(weights.size())},
+                                 weights[0].options().dtype(sigma_dtype_));
+    for (const auto& g : groups_) {
+      launch_group(g.table.get(), g.dtype, device, lam, n_iter, sigma, on.torch_stream,
+                   on.stream);
+    }
+    for (auto& k : keep_) {   // gradients that had to be copied: write the result back
+      if (k.G_out.defined()) k.G_out.copy_(k.G_hold.view(k.G_out.sizes()));
+    }
+    keep_.clear();            // made again next step (reusable_ is false when there were any)
+    return sigma;
+  }
+
+  int64_t full_checks() const { return t_.full_checks(); }
+  int64_t num_layers() const { return static_cast<int64_t>(t_.weights().size()); }
+
+ private:
+  struct Group {
+    DType dtype;
+    std::shared_ptr<Plan> table;   // held: valid while the tensors' layouts are unchanged
+  };
+  PlanTensors t_;
+  std::vector<Group> groups_;
+  std::vector<Operand> keep_;
+  bool reusable_ = false;
+  at::ScalarType sigma_dtype_ = at::kFloat;
+};
 
 }  // namespace
 
@@ -474,10 +582,24 @@ TORCH_LIBRARY(spectral_ext_emu, m) {
     cuda::emulate_tensor_device(static_cast<int>(d));
   });
   m.def("runtime_device() -> int", [] { return static_cast<int64_t>(cuda::emulated_runtime_device()); });
+  m.class_<cuda::CudaStepPlan>("CudaStepPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &cuda::CudaStepPlan::step)
+      .def("full_checks", &cuda::CudaStepPlan::full_checks)
+      .def("num_layers", &cuda::CudaStepPlan::num_layers);
 }
 TORCH_LIBRARY_IMPL(spectral_ext_emu, CPU, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
 #else
 TORCH_LIBRARY_IMPL(spectral_ext, CUDA, m) { m.impl("fused_step", &cuda::fused_step_cuda); }
+// torch.classes.spectral_ext.CudaStepPlan(weights, vs): the eager fast path of the regularizer
+// on CUDA tensors (spectral_ext/functional.py, make_step_plan)
+TORCH_LIBRARY_FRAGMENT(spectral_ext, m) {
+  m.class_<cuda::CudaStepPlan>("CudaStepPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &cuda::CudaStepPlan::step)
+      .def("full_checks", &cuda::CudaStepPlan::full_checks)
+      .def("num_layers", &cuda::CudaStepPlan::num_layers);
+}
 #endif
 
 }  // namespace spectral_ext
