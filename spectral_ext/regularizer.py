@@ -489,7 +489,10 @@ class SpectralNormRegularizer(nn.Module):
         each covered weight (``.grad``, created if None; through the parametrization for a
         parametrized weight) and returns sigma per covered weight, in the order of
         ``covered_names()`` (all names when every weight requires grad).  No host
-        synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``."""
+        synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``.
+        Eager calls on the "cpu" and "cuda" backends run through a cached step plan
+        (``functional.make_step_plan``): the same results, bit for bit, with the input checks
+        repeated only when a tensor changed."""
         b = self._bind()
         vs = self.vs()
         if self._conv is not None:
