@@ -240,8 +240,9 @@ def make_step_plan(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], 
     bitwise the same results) without passing any tensor: the plan holds the weights and
     vectors, reads each weight's ``.grad`` when it runs, and repeats the input checks only when
     a tensor's address, shape, strides, dtype or device changed (issue 14 item 1).  It returns
-    None, doing nothing, once the weights are no longer CPU tensors.  An eager fast path only:
-    never call it under ``torch.compile`` (the regularizer uses the op there).
+    None, doing nothing, when the weights are no longer on its backend's device or a weight does
+    not require grad: then call ``fused_step``.  An eager fast path only: never call it under
+    ``torch.compile`` (the regularizer uses the op there).
 
     There are plans for the C++ backends, "cpu" and "cuda": None for the others ("reference",
     "triton"), for DTensor weights and where the kernels are not built.  Bad backend names or

@@ -500,7 +500,8 @@ class SpectralNormRegularizer(nn.Module):
         if b.uniform and not torch.compiler.is_compiling():
             # Eager: the persistent plan where the backend has one (no tensor lists passed, no
             # checks repeated while nothing changed; bitwise the op's results).  It declines
-            # (None, nothing done) when a weight is frozen or left the CPU: then as below.
+            # (None, nothing done) when a weight is frozen or left the plan's device: then as
+            # below.
             plan = self._step_plan(b, vs)
             sig = plan.step(self.lam, self.n_iter) if plan is not None else None
             if sig is not None:
