@@ -542,6 +542,38 @@ def test_cuda_plan_reuses_its_tables_and_raises_the_ops_errors():
     assert plan.step(LAM, 1) is None
 
 
+def test_cuda_plan_under_capture_pins_through_the_cache():
+    """A captured step pins its table through the cache, as the op's does: a table the plan
+    holds but the cache evicted goes back into the cache before the capture uses it, so it
+    stays alive while the graph does."""
+    ops, Plan = _emu()
+    ws, vs = _small()
+    plan = Plan(ws, vs)
+    ops.clear_plans()
+    plan.step(LAM, 1)                        # warm-up: uploads the table
+    ops.capture(True)
+    try:
+        plan.step(LAM, 1)                    # "captured": pins the cached table
+    finally:
+        ops.capture(False)
+    assert ops.pinned_plans() == 1
+    assert ops.destroy_graphs() == 1 and ops.pinned_plans() == 0
+    ops.clear_plans()                        # the plan still holds its table; the cache does not
+    assert ops.cached_plans() == 0
+    plan.step(LAM, 1)                        # eager: the plan's own table, no lookup
+    assert ops.cached_plans() == 0
+    ops.capture(True)
+    try:
+        plan.step(LAM, 1)                    # captured: the table back in the cache, pinned
+    finally:
+        ops.capture(False)
+    assert ops.cached_plans() == 1 and ops.pinned_plans() == 1
+    ops.clear_plans()
+    assert ops.cached_plans() == 1           # pinned: not dropped
+    assert ops.destroy_graphs() == 1 and ops.pinned_plans() == 0
+    ops.clear_plans()
+
+
 GPU = se.available_backends()["cuda"].available
 
 

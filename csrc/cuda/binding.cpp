@@ -291,10 +291,11 @@ void check_launch(cudaError_t e) {
 }
 
 // The layer table of one dtype group (the layers `idx`): described, then found in the cache or
-// built and uploaded.  Copies made for layouts with no strided view go to `keep`.
+// built and uploaded.  Copies made for layouts with no strided view go to `keep`; the cache key
+// to `key_out` when given.
 std::shared_ptr<Plan> table_for(const std::vector<int64_t>& idx, at::TensorList weights,
                                 at::TensorList vs, at::TensorList grads, cudaStream_t stream,
-                                std::vector<Operand>& keep) {
+                                std::vector<Operand>& keep, std::string* key_out = nullptr) {
   const at::Device device = weights[0].device();
   const DType dt = dtype_of(weights[idx[0]].scalar_type());
   std::vector<LayerDesc> descs;
@@ -314,6 +315,7 @@ std::shared_ptr<Plan> table_for(const std::vector<int64_t>& idx, at::TensorList 
     plan = build_plan(descs, device, stream);
     plan_cache().put(key, plan);
   }
+  if (key_out != nullptr) *key_out = std::move(key);
   return plan;
 }
 
@@ -516,12 +518,25 @@ class CudaStepPlan : public torch::CustomClassHolder {
       keep_.clear();
       keep_.reserve(weights.size());
       for (const auto& kv : by_dtype) {
-        groups_.push_back({dtype_of(kv.first), table_for(kv.second, weights, t_.vs(), grads,
-                                                         on.stream, keep_)});
+        Group g{dtype_of(kv.first), {}, nullptr};
+        g.table = table_for(kv.second, weights, t_.vs(), grads, on.stream, keep_, &g.key);
+        groups_.push_back(std::move(g));
       }
       reusable_ = true;
       for (const auto& k : keep_) reusable_ &= !k.W_hold.defined() && !k.G_hold.defined();
       sigma_dtype_ = sigma_type(weights);
+    }
+    if (stream_is_capturing(on.stream)) {
+      // A captured graph pins its table through the cache (never evicted while a graph uses
+      // it).  A table this plan holds may have been evicted since: the graph must use the
+      // cache's entry, so the held one (uploaded, equal for the same key) goes back in first.
+      for (auto& g : groups_) {
+        if (auto cached = plan_cache().get(g.key)) {
+          g.table = std::move(cached);
+        } else {
+          plan_cache().put(g.key, g.table);
+        }
+      }
     }
     at::Tensor sigma = at::empty({static_cast<int64_t>(weights.size())},
                                  weights[0].options().dtype(sigma_dtype_));
@@ -542,6 +557,7 @@ class CudaStepPlan : public torch::CustomClassHolder {
  private:
   struct Group {
     DType dtype;
+    std::string key;               // of the table in the cache
     std::shared_ptr<Plan> table;   // held: valid while the tensors' layouts are unchanged
   };
   PlanTensors t_;
