@@ -494,19 +494,19 @@ class SpectralNormRegularizer(nn.Module):
         (``functional.make_step_plan``): the same results, bit for bit, with the input checks
         repeated only when a tensor changed."""
         b = self._bind()
-        vs = self.vs()
-        if self._conv is not None:
-            return self._operator_step(b, vs)
-        if b.uniform and not torch.compiler.is_compiling():
+        if self._conv is None and b.uniform and not torch.compiler.is_compiling():
             # Eager: the persistent plan where the backend has one (no tensor lists passed, no
             # checks repeated while nothing changed; bitwise the op's results).  It declines
             # (None, nothing done) when a weight is frozen or left the plan's device: then as
             # below.
-            plan = self._step_plan(b, vs)
+            plan = self._step_plan(b)
             sig = plan.step(self.lam, self.n_iter) if plan is not None else None
             if sig is not None:
                 self.last_sigma.copy_(sig)
                 return sig
+        vs = self.vs()
+        if self._conv is not None:
+            return self._operator_step(b, vs)
         if b.uniform and _all_require_grad(b.params):   # the common case: one call
             sig = fused_step(b.params, vs, lam=self.lam, n_iter=self.n_iter, backend=self.backend)
             self.last_sigma.copy_(sig)
@@ -515,22 +515,24 @@ class SpectralNormRegularizer(nn.Module):
         order, parts = self._matricized_step(b, vs, active)
         return self._record(active, order, parts)
 
-    def _step_plan(self, b: _Binding, vs):
-        """The step plan (functional.make_step_plan) of the weights of binding ``b`` and these
+    def _step_plan(self, b: _Binding):
+        """The step plan (functional.make_step_plan) of the weights of binding ``b`` and the
         vectors, built on first use and kept while both are the same objects: a rebinding (a
         Parameter replaced, attach, load_state_dict(assign=True), a submodule swapped) makes a
         new binding, and a vector replaced (reg.to(), load_state_dict(assign=True) on the
-        regularizer, a device move) fails the identity test.  None where there is no plan (another
-        backend, DTensor weights)."""
+        regularizer, a device move, a write into ``vectors._buffers``) fails the identity test,
+        made on the buffer dict's values in their order (no list of vectors built per step).
+        None where there is no plan (another backend, DTensor weights)."""
         st = self._plan_state
-        if (st is not None and st[0] is b and st[1] == self.backend
-                and all(map(operator.is_, vs, st[2]))):
+        bufs = self.vectors._buffers
+        if (st is not None and st[0] is b and st[1] == self.backend and len(bufs) == len(st[2])
+                and all(map(operator.is_, bufs.values(), st[2]))):
             return st[3]
         self._plan_state = None
         if b.sharded:
             return None
-        plan = make_step_plan(b.params, vs, backend=self.backend)
-        self._plan_state = (b, self.backend, vs, plan)
+        plan = make_step_plan(b.params, self.vs(), backend=self.backend)
+        self._plan_state = (b, self.backend, list(bufs.values()), plan)
         return plan
 
     def _matricized_step(self, b: _Binding, vs, active: List[int]):

@@ -288,7 +288,7 @@ class Net(nn.Module):
 
 def _op_only(reg):
     """Force the op path (what step() did before the plan): the reference for the plan."""
-    reg._step_plan = lambda b, vs: None
+    reg._step_plan = lambda b: None
     return reg
 
 
