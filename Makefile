@@ -52,8 +52,9 @@ fuzz: install
 	$(RUN) $(PY) -P tests/fuzz.py $(ARGS)
 
 # The C++ CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (no CUDA), installed
-# into build-sanitize/site (not the venv), and the backend tests, the C++ input checks and the
-# fuzzer's quick mode run against them, with libasan preloaded into Python.  Any report fails.
+# into build-sanitize/site (not the venv), and the backend tests, the C++ input checks, the step
+# plan's tests (stale pointers would show here) and the fuzzer's quick mode run against them,
+# with libasan preloaded into Python.  Any report fails.
 SAN_DIR := build-sanitize
 SAN_LIBS = $(shell g++ -print-file-name=libasan.so):$(shell g++ -print-file-name=libubsan.so)
 sanitize: setup
@@ -65,7 +66,7 @@ sanitize: setup
 	  ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(VENV)/bin/pytest tests/test_sanitized_build.py tests/test_backends.py tests/test_errors.py \
-	  tests/test_fuzz.py -p no:cacheprovider -q -rs -k "sanitized or cpu or cpp"
+	  tests/test_fuzz.py tests/test_plan.py -p no:cacheprovider -q -rs -k "sanitized or cpu or cpp or plan"
 
 # the benchmark table (benchmarks/RESULTS.md says what was measured); the repo root goes at the
 # END of sys.path, so the installed spectral_ext is imported and benchmarks/ is found.

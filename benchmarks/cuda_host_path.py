@@ -1,8 +1,8 @@
 """Host-side cost of one CUDA-backend call, measurable without a GPU.
 
 Builds the CUDA backend's binding (csrc/cuda/binding.cpp) in its CPU-emulation form
-(tests/cuda_emulation.py) and times `spectral_ext_emu::fused_step` with the kernel launches
-switched off: what remains is everything the host does per step: the Python -> dispatcher call
+(tests/cuda_emulation.py) and times `spectral_ext_emu::fused_step` and the persistent step plan
+(`CudaStepPlan.step`, issue 14 item 1) with the kernel launches switched off: what remains is everything the host does per step: the Python -> dispatcher call
 with three lists of tensors, the input checks (csrc/spectral_ext.h), the layer descriptions,
 the cached-table lookup and the workspace allocation.  On a GPU the kernels run asynchronously
 behind it, so for many small layers this is the floor of an eager step; a CUDA graph of the
@@ -30,20 +30,31 @@ def main():
     ops.skip_kernels(True)
     try:
         print(f"host path of one fused_step call (CUDA backend's binding, kernels not run), "
-              f"{torch.get_num_threads()} threads, median of 7 x 200 calls")
+              f"{torch.get_num_threads()} threads, median of 7 rounds x 200 calls, the two "
+              "columns interleaved")
+        print("  'op': the op from Python with 3 lists of tensors (what functional.fused_step "
+              "calls); 'plan': CudaStepPlan.step(lam, n_iter), the regularizer's eager path")
         for n in (1, 40, 512):
-            ws = [torch.randn(64, 64) for _ in range(n)]
+            ws = [torch.randn(64, 64).requires_grad_() for _ in range(n)]
             vs = [torch.randn(64) for _ in range(n)]
             gs = [torch.zeros(64, 64) for _ in range(n)]
-            ops.fused_step(ws, vs, gs, 0.01, 1)        # the table is built once
-            times = []
+            for w, g in zip(ws, gs):
+                w.grad = g
+            plan = torch.classes.spectral_ext_emu.CudaStepPlan(ws, vs)
+            calls = {"op": lambda: ops.fused_step(ws, vs, gs, 0.01, 1),
+                     "plan": lambda: plan.step(0.01, 1)}
+            times = {k: [] for k in calls}
+            for fn in calls.values():
+                fn()                                   # the table is built once
             for _ in range(7):
-                t = time.perf_counter()
-                for _ in range(200):
-                    ops.fused_step(ws, vs, gs, 0.01, 1)
-                times.append((time.perf_counter() - t) / 200)
-            times.sort()
-            print(f"  {n:4d} layers of 64x64: {times[3] * 1e6:8.1f} us per call")
+                for k, fn in calls.items():
+                    t = time.perf_counter()
+                    for _ in range(200):
+                        fn()
+                    times[k].append((time.perf_counter() - t) / 200)
+            med = {k: sorted(v)[3] * 1e6 for k, v in times.items()}
+            print(f"  {n:4d} layers of 64x64: op {med['op']:8.1f} us, plan {med['plan']:8.1f} us "
+                  "per call")
     finally:
         ops.skip_kernels(False)
 

@@ -83,8 +83,12 @@ inline void check_lam(double lam) {
 // first to the last element), so interleaved views of one buffer count as overlapping; the same
 // rule as spectral_ext/_checks.py.  Metadata only: a hash of the storages finds those shared by
 // two tensors (usually none), and only those are sorted (about 5 us for 512 layers).
-inline void check_no_overlap(at::TensorList weights, at::TensorList vs,
-                             const at::TensorList* grads) {
+//
+// With detect_only, nothing is checked: the function only answers whether any storage holds two
+// of the tensors (a step plan, csrc/cpu/fused_step_cpu.cpp, whose gradients moved but kept their
+// layout, runs the full checks only then).  Otherwise it returns the same answer after checking.
+inline bool check_no_overlap(at::TensorList weights, at::TensorList vs,
+                             const at::TensorList* grads, bool detect_only = false) {
   struct Span {
     const void* storage;
     int64_t lo, hi;  // bytes within the storage
@@ -134,7 +138,7 @@ inline void check_no_overlap(at::TensorList weights, at::TensorList vs,
     }
     shared |= ++e.count > 1;
   }
-  if (!shared) return;
+  if (!shared || detect_only) return shared;
   std::vector<Span> same;
   for (const Span& s : spans) {
     const Slot& e = slot(s.storage);
@@ -169,6 +173,7 @@ inline void check_no_overlap(at::TensorList weights, at::TensorList vs,
     if (far_any == nullptr || s.hi > far_any->hi) far_any = &s;
     if (s.kind != 0 && (far_written == nullptr || s.hi > far_written->hi)) far_written = &s;
   }
+  return true;
 }
 
 // Checks metadata only (no device synchronisation), in the same order and with the same

@@ -215,6 +215,13 @@ else:
 if CPU_EXTENSION_ERROR is not None:
     CUDA_KERNELS_ERROR = CPU_EXTENSION_ERROR
 
+#: torch.classes.spectral_ext.CpuStepPlan (csrc/cpu/fused_step_cpu.cpp): the eager fast path of
+#: fused_step on CPU tensors (see functional.make_step_plan); None without the C++ extension.
+CpuStepPlan = torch.classes.spectral_ext.CpuStepPlan if CPU_EXTENSION_ERROR is None else None
+#: torch.classes.spectral_ext.CudaStepPlan (csrc/cuda/binding.cpp): the same for the CUDA kernels;
+#: None when they are not compiled in.
+CudaStepPlan = torch.classes.spectral_ext.CudaStepPlan if CUDA_KERNELS_ERROR is None else None
+
 
 # ---- the Triton backend (optional) --------------------------------------------------------------
 

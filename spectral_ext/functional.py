@@ -231,6 +231,31 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
         return _ops.fused_step(weights, vs, _checks.as_list("grads", grads), lam, n_iter)
 
 
+def make_step_plan(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
+                   backend: str = "auto"):
+    """A persistent step plan for these weights and vectors, or None where there is none.
+
+    ``plan.step(lam, n_iter)`` does what ``fused_step(weights, vs, lam=lam, n_iter=n_iter,
+    backend=backend)`` does (the same checks and messages, ``.grad`` created where it is None,
+    bitwise the same results) without passing any tensor: the plan holds the weights and
+    vectors, reads each weight's ``.grad`` when it runs, and repeats the input checks only when
+    a tensor's address, shape, strides, dtype or device changed (issue 14 item 1).  It returns
+    None, doing nothing, when the weights are no longer on its backend's device or a weight does
+    not require grad: then call ``fused_step``.  An eager fast path only: never call it under
+    ``torch.compile`` (the regularizer uses the op there).
+
+    There are plans for the C++ backends, "cpu" and "cuda": None for the others ("reference",
+    "triton"), for DTensor weights and where the kernels are not built.  Bad backend names or
+    placements raise as in ``fused_step``.
+    """
+    weights, vs = _checks.as_list("weights", weights), _checks.as_list("vs", vs)
+    if not weights or distributed.any_dtensor(weights):
+        return None
+    plan = {"cpu": _ops.CpuStepPlan, "cuda": _ops.CudaStepPlan}.get(
+        resolve_backend(weights, backend))
+    return None if plan is None else plan(weights, vs)
+
+
 def spectral_norms(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], n_iter: int = 1,
                    *, backend: str = "auto", update: bool = True) -> torch.Tensor:
     """Differentiable sigma per layer ([L]), with dsigma_l/dW_l = u_l v_l^T.

@@ -53,7 +53,7 @@ from torch.nn.utils import parametrize
 from . import _checks, conv as _conv
 from . import distributed as _distributed
 from .distributed import is_dtensor
-from .functional import fused_step, resolve_backend, spectral_norms
+from .functional import fused_step, make_step_plan, resolve_backend, spectral_norms
 from .reference import init_vectors
 
 __all__ = ["SpectralNormRegularizer", "DEFAULT_MODULE_TYPES", "collect_weights"]
@@ -365,6 +365,8 @@ class SpectralNormRegularizer(nn.Module):
         _install_hooks()
         self._model = _ModelRef(model)
         self._binding: Optional[_Binding] = None
+        # (binding, backend, vectors, plan) of the eager fast path (see _step_plan)
+        self._plan_state: Optional[Tuple] = None
         self._index_cache: Dict[Tuple, torch.Tensor] = {}
         self._conv: Optional[_conv.OperatorMode] = None
         if conv_norm == "operator":      # input-shaped vectors, created once sizes are known
@@ -381,6 +383,7 @@ class SpectralNormRegularizer(nn.Module):
         old_model, old_binding = self._model, self._binding
         self._model = _ModelRef(model)
         self._binding = None
+        self._plan_state = None
         try:
             self._bind()
         except RuntimeError as exc:     # keep following the model it followed
@@ -456,6 +459,7 @@ class SpectralNormRegularizer(nn.Module):
         probes = [(p, p.device) for p in (params[0], params[-1]) if p is not None]
         self._binding = _Binding(generation, params, mods, [s.key for s in self._sites],
                                  parametrized, sharded, _edges(model, self._sites), probes)
+        self._plan_state = None     # the plan holds the old tensors: drop it now
         if self.last_sigma.device != device:
             self.last_sigma = (torch.zeros_like(self.last_sigma, device=device)
                                if self.last_sigma.device.type == "meta"
@@ -513,6 +517,7 @@ class SpectralNormRegularizer(nn.Module):
             if t.is_floating_point() and out.dtype not in _checks.VECTOR_DTYPES:
                 out = t.to(device=out.device)
             return out
+        self._plan_state = None     # the vectors are replaced
         return super()._apply(keep_precision, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -560,7 +565,7 @@ class SpectralNormRegularizer(nn.Module):
         for k, v in self.__dict__.items():
             if k == "_model":
                 new.__dict__[k] = _ModelRef(model, memo) if model is not None else v
-            elif k in ("_binding",):
+            elif k in ("_binding", "_plan_state"):
                 new.__dict__[k] = None
             elif k == "_index_cache":
                 new.__dict__[k] = {}
@@ -573,6 +578,7 @@ class SpectralNormRegularizer(nn.Module):
         state = self.__dict__.copy()
         state["_model"] = None
         state["_binding"] = None
+        state["_plan_state"] = None
         state["_index_cache"] = {}
         return state
 
@@ -593,8 +599,25 @@ class SpectralNormRegularizer(nn.Module):
         each covered weight (``.grad``, created if None; through the parametrization for a
         parametrized weight) and returns sigma per covered weight, in the order of
         ``covered_names()`` (all names when every weight requires grad).  No host
-        synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``."""
+        synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``.
+        Eager calls on the "cpu" and "cuda" backends run through a cached step plan
+        (``functional.make_step_plan``): the same results, bit for bit, with the input checks
+        repeated only when a tensor changed."""
         b = self._bind()
+        if torch.__future__.get_swap_module_params_on_conversion():
+            # Module._apply then swaps the Parameters (torch.utils.swap_tensors), which refuses
+            # a weight that a plan references (csrc/step_plan.h): model.to() would fail
+            self._plan_state = None
+        elif self._conv is None and b.uniform and not torch.compiler.is_compiling():
+            # Eager: the persistent plan where the backend has one (no tensor lists passed, no
+            # checks repeated while nothing changed; bitwise the op's results).  It declines
+            # (None, nothing done) when a weight is frozen or left the plan's device: then as
+            # below.
+            plan = self._step_plan(b)
+            sig = plan.step(self.lam, self.n_iter) if plan is not None else None
+            if sig is not None:
+                self.last_sigma.copy_(sig)
+                return sig
         vs = self.vs()
         if self._conv is not None:
             return self._operator_step(b, vs)
@@ -620,6 +643,26 @@ class SpectralNormRegularizer(nn.Module):
                              lambda m: f"{m.group(1)}[{self.names[idx[int(m.group(2))]]!r}]",
                              str(exc))
                 raise type(exc)(f"the sharded (DTensor) weights: {msg}") from None
+
+    def _step_plan(self, b: _Binding):
+        """The step plan (functional.make_step_plan) of the weights of binding ``b`` and the
+        vectors, built on first use and kept while both are the same objects: a rebinding (a
+        Parameter replaced, attach, load_state_dict(assign=True), a submodule swapped) makes a
+        new binding, and a vector replaced (reg.to(), load_state_dict(assign=True) on the
+        regularizer, a device move, a write into ``vectors._buffers``) fails the identity test,
+        made on the buffer dict's values in their order (no list of vectors built per step).
+        None where there is no plan (another backend, DTensor weights)."""
+        st = self._plan_state
+        bufs = self.vectors._buffers
+        if (st is not None and st[0] is b and st[1] == self.backend and len(bufs) == len(st[2])
+                and all(map(operator.is_, bufs.values(), st[2]))):
+            return st[3]
+        self._plan_state = None
+        if b.sharded:
+            return None
+        plan = make_step_plan(b.params, self.vs(), backend=self.backend)
+        self._plan_state = (b, self.backend, list(bufs.values()), plan)
+        return plan
 
     def _matricized_step(self, b: _Binding, vs, active: List[int]):
         order, parts = [], []

@@ -181,11 +181,12 @@ def test_device_move_that_keeps_the_parameters_is_followed():
     the Parameters too."""
     model = _mlp()
     reg = se.SpectralNormRegularizer(model, lam=0.5)
-    reg.step()
-    p = model[0].weight
+    reg.step()                  # (a step plan, if any, is dropped by the next step under the flag)
     old = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
+        reg.step()              # no plan under the flag: it would make the swap below fail
+        p = model[0].weight
         model.to("meta")
     finally:
         torch.__future__.set_swap_module_params_on_conversion(old)

@@ -33,6 +33,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -40,6 +42,7 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -50,6 +53,7 @@
 #endif
 
 #include "../spectral_ext.h"
+#include "../step_plan.h"
 
 namespace spectral_ext {
 namespace {
@@ -65,6 +69,7 @@ struct Layer {
   int64_t ldg = 0, scg = 1;
   at::Tensor W_hold, G_hold;   // keep-alive of a copy made for a layout that is not 2-D strided
   at::Tensor G_out;            // defined when G_hold is a copy to be written back
+  bool W_copied = false, G_strided = false;   // a step plan must prepare these again each step
   int64_t ws_offset = 0;       // into the dtype group's workspace: v [cols], vp [cols], u [rows]
   int64_t bands = 1;           // row bands (band_count)
   int64_t part_offset = 0;     // into the group's partial sums: bands x part_ld (bands > 1)
@@ -488,7 +493,10 @@ void store_vector(const acc_t* src, const at::Tensor& v) {
 }
 
 // The weight as a rows x cols matrix with column stride 1 (a copy only if no such view exists).
+// Called again before every step of a plan: a copy holds the values of the time it was made.
 void prepare_weight(Layer& l, const at::Tensor& w) {
+  l.W_hold = at::Tensor();
+  l.W_copied = false;
   if (w.is_contiguous()) {
     l.W = w.const_data_ptr();
     l.ldw = l.cols;
@@ -497,12 +505,16 @@ void prepare_weight(Layer& l, const at::Tensor& w) {
   at::Tensor m = w.reshape({l.rows, l.cols});
   if (l.cols > 1 && m.stride(1) != 1) m = m.contiguous();
   l.W_hold = m;
+  l.W_copied = !m.is_alias_of(w);
   l.W = m.const_data_ptr();
   l.ldw = m.stride(0);
 }
 
 // The gradient as a rows x cols strided matrix, or a copy that is written back afterwards.
 void prepare_grad(Layer& l, const at::Tensor& g) {
+  l.G_hold = at::Tensor();
+  l.G_out = at::Tensor();
+  l.G_strided = false;
   if (g.is_contiguous()) {
     l.G = g.mutable_data_ptr();
     l.ldg = l.cols;
@@ -511,23 +523,39 @@ void prepare_grad(Layer& l, const at::Tensor& g) {
   }
   at::Tensor m = g.reshape({l.rows, l.cols});
   if (!m.is_alias_of(g)) l.G_out = g;  // reshape had to copy: write the result back
+  l.G_strided = true;
   l.G_hold = m;
   l.G = m.mutable_data_ptr();
   l.ldg = m.stride(0);
   l.scg = m.stride(1);
 }
 
-// Matricizes weights (and gradients), groups layers by dtype, runs every group, writes v back.
-// Returns sigma [L]; fills us / vs_new when `outputs` is set (spectral_norms).
-at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* grads,
-               double lam, int64_t n_iter,
-               std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>* outputs) {
-  check_inputs(weights, vs, grads, n_iter);
+// The layers of one weight dtype and the sizes of their workspaces.
+struct Group {
+  at::ScalarType dtype;
+  std::vector<Layer*> layers;   // into Prepared::layers, in the caller's order
+  int64_t ws_size = 0, part_size = 0;
+};
+
+// What a call needs besides the values: the layer table (matricized shapes, pointers, bands,
+// workspace offsets) and the dtype groups.  A function of the tensors' metadata only, so a step
+// plan (below) keeps it across steps and refreshes only the pointers (refresh_pointers).
+struct Prepared {
+  std::vector<Layer> layers;
+  std::vector<Group> groups;    // in ScalarType order
+  at::ScalarType sigma_dtype = at::kFloat;
+  at::TensorOptions options;    // of the workspaces and sigma (the weights' device)
+};
+
+// Matricizes weights (and gradients), groups layers by dtype, lays out the workspaces.  The
+// inputs must have passed check_inputs.
+void prepare(Prepared& p, at::TensorList weights, const at::TensorList* grads) {
   const int64_t L = static_cast<int64_t>(weights.size());
-  std::vector<Layer> layers(L);
+  p.layers.assign(L, Layer{});
+  p.groups.clear();
   std::map<at::ScalarType, std::vector<Layer*>> groups;
   for (int64_t i = 0; i < L; ++i) {
-    Layer& l = layers[i];
+    Layer& l = p.layers[i];
     l.index = i;
     l.rows = weights[i].size(0);
     l.cols = matrix_cols(weights[i]);
@@ -535,35 +563,62 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
     if (grads != nullptr) prepare_grad(l, (*grads)[i]);
     groups[weights[i].scalar_type()].push_back(&l);
   }
-
   for (auto& kv : groups) {
-    const at::ScalarType acc = acc_type(kv.first);
-    int64_t size = 0, part_size = 0;
-    for (Layer* l : kv.second) {
-      l->ws_offset = size;
-      size += 2 * l->cols + l->rows;
+    Group g{kv.first, std::move(kv.second)};
+    for (Layer* l : g.layers) {
+      l->ws_offset = g.ws_size;
+      g.ws_size += 2 * l->cols + l->rows;
       l->bands = band_count(l->rows, l->cols);
       if (l->bands > 1) {   // 64-byte aligned rows of partial sums (at::empty is 64-byte aligned)
         l->part_ld = (l->cols + 15) / 16 * 16;
-        l->part_offset = part_size;
-        part_size += l->bands * l->part_ld;
+        l->part_offset = g.part_size;
+        g.part_size += l->bands * l->part_ld;
       }
     }
-    at::Tensor ws = at::empty({size}, weights[0].options().dtype(acc));
-    at::Tensor parts = at::empty({part_size}, weights[0].options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, kv.first, "spectral_ext_cpu", [&] {
+    p.groups.push_back(std::move(g));
+  }
+  p.sigma_dtype = sigma_type(weights);
+  p.options = weights[0].options();
+}
+
+// The pointers of a step plan's prepared table for the tensors as they are now, whose layouts
+// and (except for moved gradients) addresses are those the table was prepared for: a weight's
+// copy is made again (it holds the values of its time), a gradient (each weight's .grad)
+// prepared again if it moved or is not contiguous (its view or copy is of the tensor of its time).
+void refresh_pointers(Prepared& p, at::TensorList weights, bool moved) {
+  for (Layer& l : p.layers) {
+    if (l.W_copied) prepare_weight(l, weights[l.index]);
+    if (moved || l.G_strided) prepare_grad(l, weights[l.index].grad());
+  }
+}
+
+// Runs every group of a prepared table, writes v back (fused_step) or fills `outputs`
+// (spectral_norms), writes back gradient copies.  Returns sigma [L].
+at::Tensor execute(Prepared& p, at::TensorList vs, bool update, double lam, int64_t n_iter,
+                   std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>* outputs) {
+  for (Layer& l : p.layers) {   // the per-call state of each layer
+    l.scale_exp = 0;
+    l.scaled = false;
+    l.updated = false;
+    l.sigma = 0.0;
+  }
+  for (Group& g : p.groups) {
+    const at::ScalarType acc = acc_type(g.dtype);
+    at::Tensor ws = at::empty({g.ws_size}, p.options.dtype(acc));
+    at::Tensor parts = at::empty({g.part_size}, p.options.dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.dtype, "spectral_ext_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       acc_t* w = ws.mutable_data_ptr<acc_t>();
-      for (Layer* l : kv.second) load_vector(vs[l->index], w + l->ws_offset);
-      Kernel<scalar_t>::run_group(kv.second, w, parts.mutable_data_ptr<acc_t>(), n_iter,
-                                  grads != nullptr, lam);
+      for (Layer* l : g.layers) load_vector(vs[l->index], w + l->ws_offset);
+      Kernel<scalar_t>::run_group(g.layers, w, parts.mutable_data_ptr<acc_t>(), n_iter, update,
+                                  lam);
       if (outputs == nullptr) {   // a v that no iteration updated is left exactly as it was
-        for (Layer* l : kv.second) {
+        for (Layer* l : g.layers) {
           if (l->updated) store_vector(w + l->ws_offset, vs[l->index]);
         }
       }
     });
-    for (Layer* l : kv.second) {
+    for (Layer* l : g.layers) {
       if (outputs != nullptr) {
         outputs->first[l->index] = ws.narrow(0, l->ws_offset + 2 * l->cols, l->rows).clone();
         outputs->second[l->index] =
@@ -573,14 +628,74 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
       if (l->G_out.defined()) l->G_out.copy_(l->G_hold.view(l->G_out.sizes()));
     }
   }
-
-  at::Tensor sigma = at::empty({L}, weights[0].options().dtype(sigma_type(weights)));
+  const int64_t L = static_cast<int64_t>(p.layers.size());
+  at::Tensor sigma = at::empty({L}, p.options.dtype(p.sigma_dtype));
   AT_DISPATCH_FLOATING_TYPES(sigma.scalar_type(), "spectral_ext_sigma", [&] {
     scalar_t* s = sigma.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < L; ++i) s[i] = static_cast<scalar_t>(layers[i].sigma);
+    for (int64_t i = 0; i < L; ++i) s[i] = static_cast<scalar_t>(p.layers[i].sigma);
   });
   return sigma;
 }
+
+// The op path: checks, prepares and executes in one call.
+// Returns sigma [L]; fills us / vs_new when `outputs` is set (spectral_norms).
+at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* grads,
+               double lam, int64_t n_iter,
+               std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>* outputs) {
+  check_inputs(weights, vs, grads, n_iter);
+  Prepared p;
+  prepare(p, weights, grads);
+  return execute(p, vs, grads != nullptr, lam, n_iter, outputs);
+}
+
+// ---- The persistent step plan (issue 14 item 1) ---------------------------------------------
+//
+// The plan's tensors and the test of what changed since the last step are shared with the CUDA
+// plan (../step_plan.h).  This backend keeps the prepared layer table across steps: prepared
+// again after the full checks ran (PlanTensors::Change::kAll), only its pointers refreshed
+// otherwise.  The kernel is the op path's (execute), so the results are bitwise the op's.
+//
+// Why a torch custom class (torch::class_ in a TORCH_LIBRARY_FRAGMENT) and not an object of
+// the plain Python module (module.cpp): the arguments of a custom-class method are converted by
+// torch's own binding code (the constructor's Tensor lists once; step() gets two scalars), so no
+// Python-tensor unwrapping or torch_python headers are needed here, c10 errors reach Python as
+// ValueError / TypeError like the op's, and the plan is usable from C++ and TorchScript alike.
+// A call costs about 1.5 us.
+class CpuStepPlan : public torch::CustomClassHolder {
+ public:
+  CpuStepPlan(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
+      : t_(std::move(weights), std::move(vs)) {}
+
+  // One step: adds lam * sigma * u v^T to each weight's .grad (created as zeros where it is
+  // None) and updates the vectors; returns sigma [L].  None, having done nothing, when the
+  // weights are no longer CPU tensors or some weight does not require grad (frozen): the
+  // caller then takes the op path.
+  std::optional<at::Tensor> step(double lam, int64_t n_iter) {
+    check_lam(lam);
+    TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
+    const PlanTensors::Step s(t_, n_iter, c10::DeviceType::CPU);
+    if (s.change == PlanTensors::Change::kDeclined) return std::nullopt;
+    if (s.change == PlanTensors::Change::kAll) {
+      const at::TensorList grads(t_.grads());
+      prepare(prep_, t_.weights(), &grads);
+    } else {
+      refresh_pointers(prep_, t_.weights(), s.change == PlanTensors::Change::kGradsMoved);
+    }
+    at::Tensor sigma = execute(prep_, t_.vs(), /*update=*/true, lam, n_iter, nullptr);
+    for (Layer& l : prep_.layers) {   // views and copies of odd layouts: made again next step
+      if (l.W_copied) l.W_hold = at::Tensor();
+      if (l.G_strided) l.G_hold = l.G_out = at::Tensor();
+    }
+    return sigma;
+  }
+
+  int64_t full_checks() const { return t_.full_checks(); }
+  int64_t num_layers() const { return static_cast<int64_t>(t_.size()); }
+
+ private:
+  PlanTensors t_;
+  Prepared prep_;
+};
 
 // spectral_ext::fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam,
 //                          int n_iter) -> Tensor
@@ -606,6 +721,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectra
 TORCH_LIBRARY_IMPL(spectral_ext, CPU, m) {
   m.impl("fused_step", &fused_step_cpu);
   m.impl("spectral_norms", &spectral_norms_cpu);
+}
+
+// torch.classes.spectral_ext.CpuStepPlan(weights, vs): the eager fast path of the regularizer
+// (spectral_ext/functional.py, make_step_plan); the schemas of the ops stay in _ops.py.
+TORCH_LIBRARY_FRAGMENT(spectral_ext, m) {
+  m.class_<CpuStepPlan>("CpuStepPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &CpuStepPlan::step)
+      .def("full_checks", &CpuStepPlan::full_checks)
+      .def("num_layers", &CpuStepPlan::num_layers);
 }
 
 }  // namespace spectral_ext

@@ -1,5 +1,5 @@
 // The torch side of the CUDA backend: registers spectral_ext::fused_step, spectral_norms and
-// spectral_norms_backward for CUDA tensors.
+// spectral_norms_backward for CUDA tensors, and the persistent step plan (CudaStepPlan).
 //
 // Per call: the same input checks as the CPU kernel (csrc/spectral_ext.h), the tensors' device
 // made current (torch's and this library's runtime, restored on return), layers grouped by
@@ -28,6 +28,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,6 +47,7 @@
 
 #include "../build_info.h"
 #include "../spectral_ext.h"
+#include "../step_plan.h"
 #include "fused_step_cuda.h"
 
 
@@ -299,22 +301,15 @@ int64_t first_copied(const std::vector<Operand>& keep, size_t n) {
   return -1;
 }
 
-// spectral_norms' output buffers of one dtype group (u in the accumulation type, v by v's dtype),
-// addressed by each layer's u_off / v_off in the table.
-struct NormsOut {
-  void* u = nullptr;
-  void* v_float = nullptr;
-  void* v_double = nullptr;
-};
-
-// One dtype group: fused_step (grads given), or spectral_norms (grads empty, `norms` set).
-void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::TensorList vs,
-               at::TensorList grads, double lam, int64_t n_iter, const at::Tensor& sigma,
-               const std::optional<c10::Stream>& torch_stream, cudaStream_t stream,
-               std::vector<Operand>& keep, const NormsOut* norms = nullptr) {
+// The layer table of one dtype group (the layers `idx`; `grads` empty for spectral_norms):
+// described, then found in the cache or built and uploaded.  Copies made for layouts with no
+// strided view go to `keep`; the cache key to `key_out` when given (empty for a table built for
+// this call only).
+std::shared_ptr<Plan> table_for(const std::vector<int64_t>& idx, at::TensorList weights,
+                                at::TensorList vs, at::TensorList grads, cudaStream_t stream,
+                                std::vector<Operand>& keep, std::string* key_out = nullptr) {
   const at::Device device = weights[0].device();
-  const at::ScalarType wt = weights[idx[0]].scalar_type();
-  const DType dt = dtype_of(wt);
+  const DType dt = dtype_of(weights[idx[0]].scalar_type());
   std::vector<LayerDesc> descs;
   descs.reserve(idx.size());
   for (int64_t i : idx) {
@@ -326,7 +321,9 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
   // A weight or gradient that cannot be viewed as a strided rows x cols matrix is copied into a
   // new buffer every call (describe()), so its table's pointers never repeat: such a table is
   // built for this call only (caching it would evict the tables that do repeat), and a graph
-  // cannot capture it (the copy is made, and the table uploaded, on every call).
+  // cannot capture it (the copy is made, and the table uploaded, on every call).  Freed when the
+  // caller drops it: the caching allocator reuses the table's memory only for work ordered after
+  // this step's kernels on the same stream.
   const int64_t first_copy = first_copied(keep, idx.size());
   if (first_copy >= 0) {
     TORCH_CHECK(!capturing,
@@ -334,26 +331,39 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
                 "cannot be viewed as a rows x cols matrix (e.g. a permuted conv weight), so each "
                 "step copies it, which a CUDA graph cannot capture; make it (and its .grad) "
                 "contiguous, or step outside the graph");
+    if (key_out != nullptr) key_out->clear();
+    return build_plan(descs, device, stream);
   }
-  std::shared_ptr<Plan> plan;
-  std::string key;
-  if (first_copy < 0) {
-    key.assign(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(LayerDesc));
-    key += '/' + std::to_string(device.index()) + '/' + std::to_string(static_cast<int>(dt));
-    plan = plan_cache().get(key);
-  }
-  if (first_copy >= 0) {
-    // freed when this call returns: the caching allocator reuses the table's memory only for
-    // work ordered after this step's kernels on the same stream
-    plan = build_plan(descs, device, stream);
-  } else if (!plan) {
+  std::string key(reinterpret_cast<const char*>(descs.data()), descs.size() * sizeof(LayerDesc));
+  key += '/' + std::to_string(device.index()) + '/' + std::to_string(static_cast<int>(dt));
+  std::shared_ptr<Plan> plan = plan_cache().get(key);
+  if (!plan) {
     TORCH_CHECK(!capturing,
                 "spectral_ext.fused_step (CUDA): these tensors have no cached layer table yet, "
                 "and uploading one is not allowed while the stream is captured into a CUDA "
                 "graph; run one step with the same tensors before capturing (warm-up)");
     plan = build_plan(descs, device, stream);
     plan_cache().put(key, plan);
-  } else if (plan->stream != stream && !capturing) {
+  }
+  if (key_out != nullptr) *key_out = std::move(key);
+  return plan;
+}
+
+// spectral_norms' output buffers of one dtype group (u in the accumulation type, v by v's dtype),
+// addressed by each layer's u_off / v_off in the table.
+struct NormsOut {
+  void* u = nullptr;
+  void* v_float = nullptr;
+  void* v_double = nullptr;
+};
+
+// The launches of one dtype group with its table, on `stream`: fused_step, or spectral_norms
+// (the table built without gradients, `norms` set).
+void launch_group(Plan* plan, DType dt, const at::Device& device, double lam, int64_t n_iter,
+                  const at::Tensor& sigma, const std::optional<c10::Stream>& torch_stream,
+                  cudaStream_t stream, const NormsOut* norms = nullptr) {
+  const bool capturing = stream_is_capturing(stream);
+  if (plan->stream != stream && !capturing) {
     // a table uploaded on another stream: order this stream after the upload (no host sync).
     // Under capture the caller has already made the capturing stream wait for the warm-up.
     const cudaError_t e = wait_event(stream, plan->uploaded);
@@ -367,7 +377,7 @@ void run_group(const std::vector<int64_t>& idx, at::TensorList weights, at::Tens
     // (and every executable graph made from it) is destroyed.  Should the runtime refuse the
     // user object, the table stays pinned for the life of the process instead.
     plan->graph_refs.fetch_add(1, std::memory_order_acq_rel);
-    if (retain_for_graph(stream, plan.get(), &release_plan_from_graph) != cudaSuccess) {
+    if (retain_for_graph(stream, plan, &release_plan_from_graph) != cudaSuccess) {
 #ifndef SPECTRAL_EXT_EMULATE
       cudaGetLastError();
 #endif
@@ -449,6 +459,52 @@ class DeviceScope {
 int g_emulated_device = 0;   // the device index the emulation treats its CPU tensors as on
 #endif
 
+// The device the kernels run on (the emulation: a CPU "device"), made current for a call in
+// torch (allocations, copies) and in this library's runtime (events, memsets, launches), both
+// restored on return, and torch's current stream there.
+#ifdef SPECTRAL_EXT_EMULATE
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+#endif
+class OnDevice {
+ public:
+  explicit OnDevice(const at::Device& device)
+#ifdef SPECTRAL_EXT_EMULATE
+      : runtime_device_(g_emulated_device) {
+  }
+#else
+      : torch_device_(device), runtime_device_(device.index()) {
+    const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    torch_stream = guard->getStream(device);
+    stream = static_cast<cudaStream_t>(torch_stream->native_handle());
+  }
+#endif
+  std::optional<c10::Stream> torch_stream;
+  cudaStream_t stream = nullptr;
+
+ private:
+#ifndef SPECTRAL_EXT_EMULATE
+  const c10::DeviceGuard torch_device_;
+#endif
+  DeviceScope runtime_device_;
+};
+
+void check_device(const at::Device& device, const char* op) {
+#ifdef SPECTRAL_EXT_EMULATE
+  (void)op;
+  TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
+#else
+  TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::", op, " got tensors "
+                    "on ", device);
+#endif
+}
+
+void check_device_and_n_iter(const at::Device& device, int64_t n_iter, const char* op) {
+  TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
+  check_device(device, op);
+}
+
 // spectral_ext::fused_step(Tensor[] weights, Tensor(a!)[] vs, Tensor(b!)[] grads, float lam,
 //                          int n_iter) -> Tensor
 at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::TensorList grads,
@@ -456,23 +512,10 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   check_lam(lam);
   check_inputs(weights, vs, &grads, n_iter);
   const at::Device device = weights[0].device();
-  TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
-#ifdef SPECTRAL_EXT_EMULATE
-  TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
-  const std::optional<c10::Stream> torch_stream;
-  cudaStream_t stream = nullptr;
-  DeviceScope runtime_device(g_emulated_device);
-#else
-  TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::fused_step got tensors "
-                    "on ", device);
-  // the tensors' device, current in torch (allocations, copies) and in this library's runtime
-  // (events, memsets, launches), both restored on return
-  const c10::DeviceGuard torch_device(device);
-  DeviceScope runtime_device(device.index());
-  const auto* guard = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  const std::optional<c10::Stream> torch_stream = guard->getStream(device);
-  auto stream = static_cast<cudaStream_t>(torch_stream->native_handle());
-#endif
+  check_device_and_n_iter(device, n_iter, "fused_step");
+  const OnDevice on(device);
+  const auto& torch_stream = on.torch_stream;
+  cudaStream_t stream = on.stream;
 
   at::Tensor sigma = at::empty({static_cast<int64_t>(weights.size())},
                                weights[0].options().dtype(sigma_type(weights)));
@@ -483,35 +526,14 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
   std::vector<Operand> keep;
   keep.reserve(weights.size());
   for (const auto& kv : groups) {
-    run_group(kv.second, weights, vs, grads, lam, n_iter, sigma, torch_stream, stream, keep);
+    std::shared_ptr<Plan> plan = table_for(kv.second, weights, vs, grads, stream, keep);
+    launch_group(plan.get(), dtype_of(kv.first), device, lam, n_iter, sigma, torch_stream, stream);
   }
   for (auto& k : keep) {   // gradients that had to be copied: write the result back
     if (k.G_out.defined()) k.G_out.copy_(k.G_hold.view(k.G_out.sizes()));
   }
   return sigma;
 }
-
-// The tensors' device made current in torch and in this library's runtime, and torch's current
-// stream (as in fused_step_cuda; the emulation: CPU tensors, no stream).
-struct CallScope {
-  explicit CallScope(const at::Device& device, const char* op)
-#ifdef SPECTRAL_EXT_EMULATE
-      : runtime_device(g_emulated_device) {
-    TORCH_CHECK_VALUE(device.is_cpu(), "the emulated CUDA kernels take CPU tensors, got ", device);
-  }
-#else
-      : torch_device(device), runtime_device(device.index()) {
-    TORCH_CHECK_VALUE(device.is_cuda(), "the CUDA kernel of spectral_ext::", op,
-                      " got tensors on ", device);
-    torch_stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
-    stream = static_cast<cudaStream_t>(torch_stream->native_handle());
-  }
-  const c10::DeviceGuard torch_device;
-#endif
-  DeviceScope runtime_device;
-  std::optional<c10::Stream> torch_stream;
-  cudaStream_t stream = nullptr;
-};
 
 // spectral_ext::spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter)
 //     -> (Tensor sigma, Tensor[] us, Tensor[] vs_new)
@@ -521,9 +543,9 @@ struct CallScope {
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectral_norms_cuda(
     at::TensorList weights, at::TensorList vs, int64_t n_iter) {
   check_inputs(weights, vs, nullptr, n_iter);
-  TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
   const at::Device device = weights[0].device();
-  CallScope scope(device, "spectral_norms");
+  check_device_and_n_iter(device, n_iter, "spectral_norms");
+  const OnDevice scope(device);
   const int64_t L = static_cast<int64_t>(weights.size());
   at::Tensor sigma = at::empty({L}, weights[0].options().dtype(sigma_type(weights)));
   std::vector<at::Tensor> us(L), vs_new(L);
@@ -547,8 +569,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectra
     out.u = U.data_ptr();
     out.v_float = any_float ? VF.data_ptr() : nullptr;
     out.v_double = any_double ? VD.data_ptr() : nullptr;
-    run_group(kv.second, weights, vs, {}, 0.0, n_iter, sigma, scope.torch_stream, scope.stream,
-              keep, &out);
+    std::shared_ptr<Plan> plan = table_for(kv.second, weights, vs, {}, scope.stream, keep);
+    launch_group(plan.get(), dtype_of(kv.first), device, 0.0, n_iter, sigma, scope.torch_stream,
+                 scope.stream, &out);
     int64_t u_off = 0, v_off = 0;   // the plan's offsets: the group's order, prefix sums
     for (int64_t i : kv.second) {
       const int64_t rows = weights[i].size(0), cols = matrix_cols(weights[i]);
@@ -606,7 +629,8 @@ void spectral_norms_backward_cuda(const at::Tensor& grad_sigma, at::TensorList u
                       "spectral_norms_backward: grads[", i, "] has overlapping memory");
     u_hold[i] = us[i].contiguous();
   }
-  CallScope scope(device, "spectral_norms_backward");
+  check_device(device, "spectral_norms_backward");
+  const OnDevice scope(device);
   TORCH_CHECK(!stream_is_capturing(scope.stream),
               "spectral_ext.spectral_norms backward (CUDA): the fused backward uploads a table "
               "per call, which a CUDA graph cannot capture; under capture the autograd formula "
@@ -647,6 +671,89 @@ void spectral_norms_backward_cuda(const at::Tensor& grad_sigma, at::TensorList u
   }
 }
 
+// The persistent step plan of this backend (issue 14 item 1; the tensors, the change test and
+// the checks: ../step_plan.h; why a torch custom class: csrc/cpu/fused_step_cpu.cpp).  It keeps
+// each dtype group's table (the same cached, uploaded table the op would find): while nothing
+// changed (PlanTensors::Change::kNone) a step only allocates the workspace and launches, with
+// no description, key or cache lookup.  Gradients that moved, a full check, or any layer whose
+// weight or gradient needs a copy (its table points into the copy, made anew each step) take
+// the op's way to the tables (table_for).  The launches are the op's: results are bitwise the
+// op's.
+class CudaStepPlan : public torch::CustomClassHolder {
+ public:
+  CudaStepPlan(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
+      : t_(std::move(weights), std::move(vs)) {}
+
+  // As CpuStepPlan::step; None (nothing done) when the weights left the kernels' device or a
+  // weight is frozen.
+  std::optional<at::Tensor> step(double lam, int64_t n_iter) {
+    check_lam(lam);
+    TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
+    TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
+    const PlanTensors::Step s(t_, n_iter, kKernelDevice);
+    if (s.change == PlanTensors::Change::kDeclined) return std::nullopt;
+    const auto& weights = t_.weights();
+    const at::Device device = weights[0].device();
+    const OnDevice on(device);
+    if (s.change != PlanTensors::Change::kNone || !reusable_) {
+      const at::TensorList grads(t_.grads());
+      std::map<at::ScalarType, std::vector<int64_t>> by_dtype;
+      for (size_t i = 0; i < weights.size(); ++i) {
+        by_dtype[weights[i].scalar_type()].push_back(static_cast<int64_t>(i));
+      }
+      groups_.clear();
+      keep_.clear();
+      keep_.reserve(weights.size());
+      for (const auto& kv : by_dtype) {
+        Group g{dtype_of(kv.first), {}, nullptr};
+        g.table = table_for(kv.second, weights, t_.vs(), grads, on.stream, keep_, &g.key);
+        groups_.push_back(std::move(g));
+      }
+      reusable_ = true;
+      for (const auto& k : keep_) reusable_ &= !k.W_hold.defined() && !k.G_hold.defined();
+      sigma_dtype_ = sigma_type(weights);
+    }
+    if (stream_is_capturing(on.stream)) {
+      // A captured graph pins its table through the cache (never evicted while a graph uses
+      // it).  A table this plan holds may have been evicted since: the graph must use the
+      // cache's entry, so the held one (uploaded, equal for the same key) goes back in first.
+      for (auto& g : groups_) {
+        if (auto cached = plan_cache().get(g.key)) {
+          g.table = std::move(cached);
+        } else {
+          plan_cache().put(g.key, g.table);
+        }
+      }
+    }
+    at::Tensor sigma = at::empty({static_cast<int64_t>(weights.size())},
+                                 weights[0].options().dtype(sigma_dtype_));
+    for (const auto& g : groups_) {
+      launch_group(g.table.get(), g.dtype, device, lam, n_iter, sigma, on.torch_stream,
+                   on.stream);
+    }
+    for (auto& k : keep_) {   // gradients that had to be copied: write the result back
+      if (k.G_out.defined()) k.G_out.copy_(k.G_hold.view(k.G_out.sizes()));
+    }
+    keep_.clear();            // made again next step (reusable_ is false when there were any)
+    return sigma;
+  }
+
+  int64_t full_checks() const { return t_.full_checks(); }
+  int64_t num_layers() const { return static_cast<int64_t>(t_.size()); }
+
+ private:
+  struct Group {
+    DType dtype;
+    std::string key;               // of the table in the cache
+    std::shared_ptr<Plan> table;   // held: valid while the tensors' layouts are unchanged
+  };
+  PlanTensors t_;
+  std::vector<Group> groups_;
+  std::vector<Operand> keep_;
+  bool reusable_ = false;
+  at::ScalarType sigma_dtype_ = at::kFloat;
+};
+
 }  // namespace
 
 // For tests and diagnostics (spectral_ext._C): the number of cached layer tables (and of those
@@ -682,6 +789,11 @@ TORCH_LIBRARY(spectral_ext_emu, m) {
     cuda::emulate_tensor_device(static_cast<int>(d));
   });
   m.def("runtime_device() -> int", [] { return static_cast<int64_t>(cuda::emulated_runtime_device()); });
+  m.class_<cuda::CudaStepPlan>("CudaStepPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &cuda::CudaStepPlan::step)
+      .def("full_checks", &cuda::CudaStepPlan::full_checks)
+      .def("num_layers", &cuda::CudaStepPlan::num_layers);
 }
 TORCH_LIBRARY_IMPL(spectral_ext_emu, CPU, m) {
   m.impl("fused_step", &cuda::fused_step_cuda);
@@ -693,6 +805,15 @@ TORCH_LIBRARY_IMPL(spectral_ext, CUDA, m) {
   m.impl("fused_step", &cuda::fused_step_cuda);
   m.impl("spectral_norms", &cuda::spectral_norms_cuda);
   m.impl("spectral_norms_backward", &cuda::spectral_norms_backward_cuda);
+}
+// torch.classes.spectral_ext.CudaStepPlan(weights, vs): the eager fast path of the regularizer
+// on CUDA tensors (spectral_ext/functional.py, make_step_plan)
+TORCH_LIBRARY_FRAGMENT(spectral_ext, m) {
+  m.class_<cuda::CudaStepPlan>("CudaStepPlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>>())
+      .def("step", &cuda::CudaStepPlan::step)
+      .def("full_checks", &cuda::CudaStepPlan::full_checks)
+      .def("num_layers", &cuda::CudaStepPlan::num_layers);
 }
 #endif
 
