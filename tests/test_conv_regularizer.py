@@ -44,6 +44,15 @@ def planted_net(dtype=torch.float64):
     net = Net(dtype)
     for m in (net.c1, net.c2, net.c3, net.up):
         plant(m)
+    # the Linear too: sigma_1 = 2, the others <= 1, so 400 iterations converge whatever the
+    # draw (a random 3 x 72 matrix can have sigma_2 / sigma_1 near 1: then u, v, and the
+    # gradient lam * sigma * u v^T, were off by up to 1e-7 after 400 iterations)
+    with torch.no_grad():
+        w = net.fc.weight
+        u, _ = torch.linalg.qr(torch.randn(w.shape[0], w.shape[0], dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(w.shape[1], w.shape[0], dtype=torch.float64))
+        s = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+        w.copy_((u * s) @ v.t())
     return net
 
 

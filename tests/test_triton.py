@@ -75,14 +75,17 @@ def test_tables_are_evicted_least_recently_used_and_pinned_by_capture(monkeypatc
     pinned = next(iter(tk._PLANS.values()))
     first = _inputs([(5, 7)])
     se.fused_step(*first[:2], grads=first[2], backend="triton")
-    for _ in range(14):
+    alive = []   # every input stays alive: a freed tensor's address can come back, and with it
+    for _ in range(14):   # the same key (a correct hit, but not a new table)
         o = _inputs([(5, 7)])
+        alive.append(o)
         se.fused_step(*o[:2], grads=o[2], backend="triton")
     assert len(tk._PLANS) == 16
     se.fused_step(*first[:2], grads=first[2], backend="triton")         # used again: kept
     keys = list(tk._PLANS)
     for _ in range(5):
         o = _inputs([(5, 7)])
+        alive.append(o)
         se.fused_step(*o[:2], grads=o[2], backend="triton")
     assert len(tk._PLANS) == 16
     assert pinned in tk._PLANS.values()
