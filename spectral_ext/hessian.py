@@ -11,19 +11,29 @@ Hessian-vector products: the gradient graph of one forward/backward is built onc
 (``create_graph=True``) and each iteration is one more backward through it (double backward).
 
 The regularizer follows the paper and the first author's code (github.com/ars2240/
-optWBoundEigenval, ``opt.py``, as described in issue 12; the code itself was not at hand when
-this was written): the eigenvalue is the Rayleigh quotient lambda = v^T H v of the power
-iteration's vector, and the penalty is
+optWBoundEigenval, ``opt.py``: ``comp_rho``, ``comp_g``, ``iter``, read for this): the
+eigenvalue is the Rayleigh quotient lambda = v^T H v of the power iteration's vector, the
+spectral radius is rho = |lambda|, and the penalty is
 
-    g = max(0, lambda - upper, lower - lambda)        (upper = K, lower = K_min; 0 and 0 give |lambda|)
+    g = max(0, rho - upper, lower - rho)        (upper = K, lower = K_min; 0 and 0 give rho)
 
-whose gradient, with v held fixed, is dg/dlambda * d (v^T H v) / d theta (a third-order term;
-dg/dlambda is +1, -1 or 0).  With ``convergence="residual"`` the estimate counts as converged
-when ||H v - lambda v|| <= tol * |lambda|, and ``skip_unconverged=True`` makes a step whose
-estimate has not converged add no penalty (as the authors' code does), without a host sync.
-Where the library differs by default: upper = lower = 0, so g = |lambda| and its gradient is
-sign(lambda) * d lambda / d theta = d|lambda|/d theta; the iteration runs a fixed n_iter steps
-(no convergence test, no host sync) and every step adds its penalty.  ``grad_method="autograd"`` obtains it by
+whose gradient, with v held fixed, is dg/drho * sign(lambda) * d (v^T H v) / d theta (a
+third-order term; dg/drho is +1, -1 or 0).  With ``convergence="residual"`` the estimate counts
+as converged when ||H v - lambda v|| <= tol * |lambda|, and ``skip_unconverged=True`` makes a
+step whose estimate has not converged add no penalty, without a host sync.
+
+Where this deliberately differs from ``opt.py``:
+* the gradient is sign(lambda) * d lambda / d theta = d rho / d theta; ``opt.py`` uses
+  d lambda / d theta (``vGHv``) whatever the sign of lambda, which for a dominant negative
+  eigenvalue pushes rho up, not down;
+* the residual test is relative (tol * |lambda|, scale-free); ``opt.py`` stops when any of the
+  absolute residual ||H v - lambda v||, its relative change or the relative change of lambda is
+  below ``pow_iter_eps`` (1e-3), after up to 1000 iterations per step;
+* an unconverged step adds nothing; ``opt.py`` (``ignore_bad_vals``) sets rho = -1 and draws a
+  new random v, which its g then treats as below K_min (g = K_min + 1, a gradient along the
+  random v): we read that as an artefact, not the method;
+* by default upper = lower = 0 (g = rho) and the iteration runs a fixed n_iter warm-started
+  steps (no convergence test, no host sync), every step adding its penalty.  ``grad_method="autograd"`` obtains it by
 differentiating the HVP (one more backward through the double-backward graph);
 ``grad_method="finite_difference"`` uses the cheaper central difference of gradients along v,
     d (v^T H v) / d theta ~ (g(theta + eps v) - 2 g(theta) + g(theta - eps v)) / eps^2,
@@ -178,16 +188,19 @@ def _check_bounds(upper, lower) -> Tuple[float, float]:
 
 def penalty(eigenvalue: torch.Tensor, upper: float = 0.0, lower: float = 0.0
             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(g, dg/dlambda) of Sandler et al.'s penalty g = max(0, lambda - upper, lower - lambda),
-    elementwise, no gradient: dg/dlambda is +1 where lambda - upper is the (positive) maximum,
-    -1 where lower - lambda is, 0 inside [lower, upper].  upper = lower = 0: g = |lambda|."""
+    """(g, dg/dlambda) of Sandler et al.'s penalty g = max(0, rho - upper, lower - rho) on the
+    spectral radius rho = |lambda|, elementwise, no gradient: dg/dlambda is sign(lambda) times
+    +1 where rho - upper is the (positive) maximum, -1 where lower - rho is, 0 inside
+    [lower, upper].  upper = lower = 0: g = |lambda|."""
     upper, lower = _check_bounds(upper, lower)
     lam = eigenvalue.detach()
-    above, below = lam - upper, lower - lam
+    rho = lam.abs()
+    above, below = rho - upper, lower - rho
     g = torch.clamp_min(torch.maximum(above, below), 0)
     coef = torch.where((above > 0) & (above >= below), torch.ones_like(lam),
                        torch.where(below > 0, -torch.ones_like(lam), torch.zeros_like(lam)))
-    return g, coef
+    sign = torch.where(lam < 0, -torch.ones_like(lam), torch.ones_like(lam))
+    return g, coef * sign
 
 
 def rayleigh_quotient(loss_fn, params, v) -> torch.Tensor:
@@ -202,9 +215,10 @@ class SpectralRadiusRegularizer(nn.Module):
     """Adds ``mu * g(lambda)`` to a loss, with its gradient, as Sandler, Klabjan & Luo do.
 
     ``forward(loss_fn, params)`` returns ``loss_fn() + mu * g``: backward() of it gives the
-    loss's gradient plus ``mu * dg/dlambda * d(v^T H v)/d theta`` with v the top eigenvector,
+    loss's gradient plus ``mu * dg/dlambda * d(v^T H v)/d theta`` (dg/dlambda = dg/drho *
+    sign(lambda)) with v the top eigenvector,
     found by ``n_iter`` power (or Lanczos) iterations warm-started from the previous call's v,
-    lambda = v^T H v (signed) and g = max(0, lambda - upper, lower - lambda) (see
+    lambda = v^T H v (signed) and g = max(0, rho - upper, lower - rho) on rho = |lambda| (see
     :func:`penalty`; the defaults upper = lower = 0 give g = |lambda|).  The vector is kept in
     the module's state_dict (as extra state).  After a call: ``last_rho`` (||H v||, the power
     iteration's estimate of max |lambda|), ``last_eigenvalue`` (v^T H v), ``last_residual``

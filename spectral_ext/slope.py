@@ -5,7 +5,8 @@ around an input; a loss term and an early-stopping criterion.
 Definition.  The slope at x is the largest singular value of the Jacobian of the network's
 outputs (the logits of a classifier, not the softmax) with respect to its input,
 sigma_max(J(x)), as the authors' code computes it (github.com/antonFJohansson/
-slope_and_generalization, ``geometric.py``, ``get_sing``, as described in issue 12).  For one
+slope_and_generalization, ``experiment_code/geometric.py``: ``get_jacobian``, one backward per
+output, and ``get_sing``, sqrt of the largest eigenvalue of J^T J; read for this).  For one
 output it is the gradient norm ||grad_x f(x)||.  For a ReLU network, which is affine on each
 linear region, it is the norm of that region's linear map.  It is computed exactly for up to
 ``exact_max_outputs`` outputs (K VJPs, then ``svdvals``) and by power iteration on J^T J beyond

@@ -227,7 +227,8 @@ def test_attention_model_hessian_matches_written_out_attention():
 @pytest.mark.parametrize("lam, upper, lower, g, coef", [
     (2.0, 0.0, 0.0, 2.0, 1.0), (-2.0, 0.0, 0.0, 2.0, -1.0), (0.0, 0.0, 0.0, 0.0, 0.0),
     (3.0, 1.0, -1.0, 2.0, 1.0), (0.5, 1.0, -1.0, 0.0, 0.0), (-1.5, 1.0, -1.0, 0.5, -1.0),
-    (0.5, 1.0, 1.0, 0.5, -1.0), (-5.0, 1.0, float("-inf"), 0.0, 0.0),
+    (0.5, 1.0, 1.0, 0.5, -1.0), (-5.0, 1.0, float("-inf"), 4.0, -1.0),
+    (-0.5, 1.0, 1.0, 0.5, 1.0), (-0.5, 1.0, 0.0, 0.0, 0.0),
 ])
 def test_penalty_on_hand_values(lam, upper, lower, g, coef):
     got_g, got_c = hessian.penalty(torch.tensor(lam, dtype=torch.float64), upper, lower)
@@ -263,15 +264,15 @@ def test_residual_criterion_stops_when_the_residual_is_small():
 @pytest.mark.parametrize("where", ["above", "inside", "below"])
 @pytest.mark.parametrize("grad_method", ["autograd", "finite_difference"])
 def test_bounded_penalty_gradient_matches_dense(where, grad_method):
-    """loss + mu * max(0, lambda - K, K_min - lambda), lambda the dominant (signed) eigenvalue,
-    against autograd through the dense Hessian: bounds put lambda above, inside or below."""
+    """loss + mu * max(0, rho - K, K_min - rho), rho = |lambda| of the dominant eigenvalue,
+    against autograd through the dense Hessian: bounds put rho above, inside or below."""
     model, params, loss_fn, x, y = _problem("mlp")
     H, flat_loss, theta = _dense(model, x, y)
     ev = torch.linalg.eigvalsh(H)
     lam = ev[ev.abs().argmax()].item()
     a = abs(lam)
-    upper, lower = {"above": (lam - 0.3 * a, lam - 0.6 * a), "inside": (lam + 0.1 * a, lam - 0.1 * a),
-                    "below": (lam + 0.6 * a, lam + 0.3 * a)}[where]
+    upper, lower = {"above": (0.7 * a, 0.4 * a), "inside": (1.1 * a, 0.9 * a),
+                    "below": (1.6 * a, 1.3 * a)}[where]
     mu = 0.3
     reg = hessian.SpectralRadiusRegularizer(mu=mu, n_iter=60, method="lanczos", upper=upper,
                                             lower=lower, grad_method=grad_method)
@@ -281,8 +282,8 @@ def test_bounded_penalty_gradient_matches_dense(where, grad_method):
 
     theta = theta.clone().requires_grad_(True)
     e = torch.linalg.eigvalsh(torch.func.hessian(flat_loss)(theta))
-    top = e[e.abs().argmax()]
-    g = torch.clamp_min(torch.maximum(top - upper, lower - top), 0)
+    rho = e.abs().max()
+    g = torch.clamp_min(torch.maximum(rho - upper, lower - rho), 0)
     ref_total = flat_loss(theta) + mu * g
     (ref,) = torch.autograd.grad(ref_total, theta)
     assert abs(total.item() - ref_total.item()) <= 1e-8 * abs(ref_total.item())
