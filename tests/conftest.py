@@ -90,3 +90,20 @@ def assert_replay_equals_eager(graph, sigma, outs, starts, eager_sigma, eager_ou
     assert torch.equal(sigma, eager_sigma)
     for a, b in zip(outs, eager_outs):
         assert torch.equal(a, b)
+
+
+def backend_or_skip(name: str, device: str):
+    """(name, torch.device) of a backend a parametrized test runs on, or a skip saying why it
+    cannot run here; "cuda-emulated" is the CUDA kernels' CPU emulation (cuda_emulation.py)."""
+    if name == "cuda-emulated":
+        import cuda_emulation
+        reason = cuda_emulation.unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        cuda_emulation.load()
+        return name, torch.device(device)
+    import spectral_ext as se
+    info = se.available_backends()[name]
+    if not info.available:
+        pytest.skip(f"backend {name!r} unavailable here: {info.detail}")
+    return name, torch.device(device)

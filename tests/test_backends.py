@@ -10,7 +10,7 @@ from spectral_ext import reference
 
 import cuda_emulation
 import fuzz
-from conftest import SEED, assert_lowp_close, assert_rel_close
+from conftest import SEED, assert_lowp_close, assert_rel_close, backend_or_skip
 
 # (backend, device) pairs; a backend that cannot run here is skipped with the reason it gives.
 # Without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py),
@@ -23,17 +23,7 @@ BACKENDS = [("cpu", "cpu"), ("cuda", "cuda"),
 
 @pytest.fixture(params=BACKENDS, ids=[b for b, _ in BACKENDS])
 def backend(request):
-    name, device = request.param
-    if name == "cuda-emulated":
-        reason = cuda_emulation.unavailable_reason()
-        if reason:
-            pytest.skip(reason)
-        cuda_emulation.load()
-        return name, torch.device(device)
-    info = se.available_backends()[name]
-    if not info.available:
-        pytest.skip(f"backend {name!r} unavailable here: {info.detail}")
-    return name, torch.device(device)
+    return backend_or_skip(*request.param)
 
 
 def step(name, weights, vs, *, grads, lam=0.01, n_iter=1):

@@ -13,7 +13,7 @@ import spectral_ext as se
 from spectral_ext import _ops, reference
 
 import cuda_emulation
-from conftest import assert_lowp_close, assert_rel_close
+from conftest import assert_lowp_close, assert_rel_close, backend_or_skip
 
 GPU = torch.cuda.is_available()
 BACKENDS = [("cuda", "cuda"), ("cuda-emulated", "cpu"), ("triton", "cuda" if GPU else "cpu")]
@@ -21,17 +21,7 @@ BACKENDS = [("cuda", "cuda"), ("cuda-emulated", "cpu"), ("triton", "cuda" if GPU
 
 @pytest.fixture(params=BACKENDS, ids=[b for b, _ in BACKENDS])
 def backend(request):
-    name, device = request.param
-    if name == "cuda-emulated":
-        reason = cuda_emulation.unavailable_reason()
-        if reason:
-            pytest.skip(reason)
-        cuda_emulation.load()
-        return name, torch.device(device)
-    info = se.available_backends()[name]
-    if not info.available:
-        pytest.skip(f"backend {name!r} unavailable here: {info.detail}")
-    return name, torch.device(device)
+    return backend_or_skip(*request.param)
 
 
 def forward(name, weights, vs, n_iter):
