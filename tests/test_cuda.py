@@ -18,7 +18,7 @@ import spectral_ext as se
 from spectral_ext import functional, reference
 
 import cuda_emulation
-from conftest import assert_rel_close, assert_replay_equals_eager
+from conftest import assert_lowp_close, assert_rel_close, assert_replay_equals_eager
 
 GPU = se.available_backends()["cuda"].available
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and the CUDA kernels: "
@@ -243,6 +243,58 @@ def test_blocks_run_in_a_seeded_random_order():
     for a in out[1:]:
         for x, y in zip([out[0][0], *out[0][1], *out[0][2]], [a[0], *a[1], *a[2]]):
             assert torch.equal(x, y)
+
+
+# Deep "last block" sums (fused_step.cu, sum_partials): a column strip's last tile sums n_rb
+# partials per column, a row block's last tile n_cb partials per row.  float32: 4000 x 512 has
+# 125 row blocks of 32 rows (8 row-block slices of the block's threads, four accumulators each,
+# and a remainder), 2000 x 130 has 16 (unvectorized, two strips), 9000 x 1 nine (a single column:
+# every thread along the row blocks), 12 x 20001 has 157 strips of 12 rows, 3 x 40000 79 strips of
+# 3 rows; in bfloat16 4000 x 512 has 63 row blocks of 64 rows, in float64 125 of 32 rows x 256.
+DEEP = [(4000, 512), (2000, 130), (9000, 1), (12, 20001), (3, 40000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_deep_last_block_sums_match_reference_in_every_block_order(dtype):
+    """The last tile of a strip / row block sums the other tiles' partials with all its threads,
+    in an order fixed by the layer's shape: the results match the reference and are bitwise the
+    same for every emulated block order (so whichever block arrives last)."""
+    ops = _emu()
+    ws = [torch.randn(s).to(dtype) for s in DEEP]
+    ws.append(torch.randn(1 + 700 * 260).to(dtype)[1:].view(700, 260))  # not 16-byte aligned
+    ws.append(torch.randn(300, 8, 3, 3).to(dtype))                      # conv, 300 x 72
+    vs = se.init_vectors(ws, seed=3)
+    gs = [torch.randn_like(w) for w in ws]
+    out, hashes = [], set()
+    try:
+        for seed in (0, 7, 12345):
+            ops.block_order(seed)
+            v, g = [x.clone() for x in vs], [x.clone() for x in gs]
+            out.append((ops.fused_step(ws, v, g, 0.37, 2), v, g))
+            hashes.add(ops.last_order_hash())
+    finally:
+        ops.block_order(int(os.environ["SPECTRAL_EXT_EMU_ORDER_SEED"]))
+    assert len(hashes) == 3
+    for a in out[1:]:
+        for x, y in zip([out[0][0], *out[0][1], *out[0][2]], [a[0], *a[1], *a[2]]):
+            assert torch.equal(x, y)
+    s, v, g = out[0]
+    s_ref, v_ref, g_ref = _ref_step(ws, vs, gs, 0.37, 2)
+    if dtype != torch.bfloat16:
+        tol = 2e-5 if dtype == torch.float32 else 1e-12
+        assert_rel_close(s, s_ref, tol, "sigma")
+        for i in range(len(ws)):
+            assert_rel_close(v[i], v_ref[i], tol, f"v[{i}]")
+            assert_rel_close(g[i], g_ref[i], tol, f"grad[{i}]")
+        return
+    s64, v64, g64 = _ref_step([w.double() for w in ws], [x.double() for x in vs],
+                              [x.double() for x in gs], 0.37, 2)
+    k = max(max(w.shape[0], w[0].numel()) for w in ws)
+    assert_lowp_close(s, s_ref, s64, "sigma", k)
+    for i, w in enumerate(ws):
+        k_i = max(w.shape[0], w[0].numel())
+        assert_lowp_close(v[i], v_ref[i], v64[i], f"v[{i}]", k_i)
+        assert_lowp_close(g[i], g_ref[i], g64[i], f"grad[{i}]", k_i)
 
 
 def test_a_step_that_failed_half_way_leaves_no_stale_counter():

@@ -239,6 +239,59 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
   return last;
 }
 
+// The "last block" sums: out[i] = sum over k < n of P[k * ld + i] for every i < m (n partial sums
+// of m values each, written by other blocks: read through L2), by the whole block in a fixed
+// order, and ss += the squares of the out[i].  TX threads along i (consecutive i: coalesced), TY = kThreads / TX along k,
+// TY = min(pow2 >= n, kThreads / min(32, pow2 >= m)), so a narrow or a deep sum still uses every
+// thread.  Thread (tx, ty) sums k = ty, ty + TY, ... into four accumulators (k-th term into
+// accumulator k % 4: four independent loads in flight), adds them as (a0 + a1) + (a2 + a3), and
+// a fixed-shape tree in shared memory adds the TY partials (ty + s into ty, s = TY/2, ..., 1).
+// The shape depends only on n and m, never on which block runs it or when: the bits do not
+// depend on block scheduling.  The ty = 0 thread of each i writes out[i] and adds it to its ss
+// (in increasing i; block_sum then combines the threads' ss).  red_s: kThreads values; every
+// thread must call this (it synchronizes).
+template <typename acc_t>
+__device__ __forceinline__ void sum_partials(const acc_t* P, int64_t ld, int n, int m,
+                                             acc_t* red_s, acc_t* out, SqSum<acc_t>& ss) {
+  const int ty_n = min(pow2_ceil(n), kThreads / min(32, pow2_ceil(m)));
+  const int tx_n = kThreads / ty_n;
+  const int tx = threadIdx.x % tx_n, ty = threadIdx.x / tx_n;
+  for (int base = 0; base < m; base += tx_n) {  // the same trip count in every thread
+    const int i = base + tx;
+    acc_t x = 0;
+    if (i < m) {
+      const acc_t* p = P + i;
+      const int64_t step = static_cast<int64_t>(ty_n) * ld;
+      acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      int k = ty;
+      for (; k + 3 * ty_n < n; k += 4 * ty_n) {
+        const acc_t* q = p + static_cast<int64_t>(k) * ld;
+        a0 += __ldcg(q);
+        a1 += __ldcg(q + step);
+        a2 += __ldcg(q + 2 * step);
+        a3 += __ldcg(q + 3 * step);
+      }
+      if (k < n) a0 += __ldcg(p + static_cast<int64_t>(k) * ld);
+      if (k + ty_n < n) a1 += __ldcg(p + static_cast<int64_t>(k + ty_n) * ld);
+      if (k + 2 * ty_n < n) a2 += __ldcg(p + static_cast<int64_t>(k + 2 * ty_n) * ld);
+      x = (a0 + a1) + (a2 + a3);
+    }
+    if (ty_n > 1) {  // the same in every thread
+      red_s[threadIdx.x] = x;  // = red_s[ty * tx_n + tx]
+      __syncthreads();
+      for (int s = ty_n / 2; s > 0; s >>= 1) {
+        if (ty < s) red_s[threadIdx.x] += red_s[threadIdx.x + s * tx_n];
+        __syncthreads();
+      }
+      x = red_s[threadIdx.x];  // the total in the ty = 0 threads
+    }
+    if (ty == 0 && i < m) {
+      out[i] = x;
+      ss.add(x);
+    }
+  }
+}
+
 // This block's tile: its layer, first row r0 and row count rn, first column c0 and width cn.
 struct TileSpan {
   Tile tile;
@@ -336,6 +389,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse
   using acc_t = typename Acc<T>::type;
   constexpr int VEC = kVec<T>;
   __shared__ acc_t v_s[kMaxStripGroups * VEC];
+  __shared__ acc_t red_s[kThreads];
   __shared__ SquareSum red[kThreads / 32];
   __shared__ bool flag;
 
@@ -358,18 +412,13 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse
     rows_tile<T, 1>(L, r0, rn, c0, cn, v_s, Pu);
   }
 
-  // the row block's last tile: u_raw = sum over strips (fixed order), and its ||u_raw||^2
+  // the row block's last tile: u_raw = sum over strips (sum_partials), and its ||u_raw||^2
   const int rb_global = L.rb_base + tile.rb;
   if (!arrive_last(a.cnt_rb + rb_global, L.n_cb, &flag)) return;
   const acc_t* Pu_rows = static_cast<const acc_t*>(a.Pu) + L.pu_off + r0;
   acc_t* u_raw = static_cast<acc_t*>(a.u_raw) + L.u_off + r0;
   SqSum<acc_t> ss;
-  for (int r = threadIdx.x; r < rn; r += kThreads) {
-    acc_t u = 0;
-    for (int cb = 0; cb < L.n_cb; ++cb) u += __ldcg(Pu_rows + static_cast<int64_t>(cb) * L.rows + r);
-    u_raw[r] = u;
-    ss.add(u);
-  }
+  sum_partials<acc_t>(Pu_rows, L.rows, L.n_cb, rn, red_s, u_raw, ss);
   ss = block_sum(ss, red);
   if (threadIdx.x == 0) a.pu2[rb_global] = ss.pack();
 
@@ -455,18 +504,14 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
     cols_tile<T, 1>(L, r0, rn, c0, cn, u_s, red_s, Pv);
   }
 
-  // the column strip's last tile: v' = sum over row blocks (fixed order), and its ||v'||^2
+  // the column strip's last tile: v' = sum over row blocks (sum_partials: red_s is free again
+  // after arrive_last's barrier), and its ||v'||^2
   const int cb_global = L.cb_base + tile.cb;
   if (!arrive_last(a.cnt_cb + cb_global, L.n_rb, &flag)) return;
   const acc_t* Pv_cols = static_cast<const acc_t*>(a.Pv) + L.pv_off + c0;
   acc_t* vp = static_cast<acc_t*>(a.vp) + L.v_off;
   SqSum<acc_t> ss;
-  for (int c = threadIdx.x; c < cn; c += kThreads) {
-    acc_t x = 0;
-    for (int rb = 0; rb < L.n_rb; ++rb) x += __ldcg(Pv_cols + static_cast<int64_t>(rb) * L.cols + c);
-    vp[c0 + c] = x;
-    ss.add(x);
-  }
+  sum_partials<acc_t>(Pv_cols, L.cols, L.n_rb, cn, red_s, vp + c0, ss);
   ss = block_sum(ss, red);
   if (threadIdx.x == 0) a.pv2[cb_global] = ss.pack();
 
