@@ -4,15 +4,12 @@
 // An eager step through the op passes 3 x L tensors through the dispatcher (boxed into an
 // IValue list each), runs every input check and rebuilds the layer table: for 512 small layers
 // that is hundreds of microseconds of host work per step.  A plan is built once from the
-// weights and their vectors and keeps them with a snapshot of every tensor's metadata: the
-// vectors by strong references, the weights by weak ones, locked for the length of a step
-// (begin() to end()), so a plan never keeps a model's weights alive.  A weight that died since
-// the last step makes the step decline; one that lives keeps its storage, whose address the
-// snapshot compares, so the memory the plan points into cannot have been reused unseen.  Any
-// reference, weak or strong, makes torch.utils.swap_tensors refuse the weight (it wants no
-// other holder of the TensorImpl): Module._apply swaps Parameters under
-// torch.__future__.set_swap_module_params_on_conversion(True) (and tensor subclasses, which
-// take no plan), so the regularizer uses no plan while that flag is set (regularizer.py).  Its step takes no tensor: it
+// weights and their vectors and keeps them (strong references: the memory it points into cannot
+// be freed under it) with a snapshot of every tensor's metadata.  A reference to a weight makes
+// torch.utils.swap_tensors refuse it (it wants no other holder of the TensorImpl), and
+// Module._apply swaps Parameters under torch.__future__.set_swap_module_params_on_conversion:
+// the regularizer uses no plan while that flag is set (regularizer.py).  (Weak references would
+// not help: swap_tensors refuses those too, and locking 512 of them per step cost 30-50 us.)  Its step takes no tensor: it
 // reads each weight's current .grad in C++ (zero_grad(set_to_none=True) makes new ones every
 // step) and compares the metadata with the snapshot.  What it finds:
 //   * kAll: the first step, a .grad that is None (created here as the op path creates it), or
@@ -47,15 +44,14 @@ class PlanTensors {
  public:
   enum class Change { kDeclined, kNone, kGradsMoved, kAll };
 
-  PlanTensors(const std::vector<at::Tensor>& weights, std::vector<at::Tensor> vs)
-      : vs_(std::move(vs)) {
-    TORCH_CHECK_VALUE(weights.size() == vs_.size(), "got ", weights.size(), " weights but ",
+  PlanTensors(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
+      : weights_(std::move(weights)), vs_(std::move(vs)) {
+    TORCH_CHECK_VALUE(weights_.size() == vs_.size(), "got ", weights_.size(), " weights but ",
                       vs_.size(), " vectors (vs): one v per weight");
-    TORCH_CHECK_VALUE(!weights.empty(), "the spectral_ext ops need at least one layer");
-    for (size_t i = 0; i < weights.size(); ++i) {
-      TORCH_CHECK_VALUE(weights[i].defined() && vs_[i].defined(), "a step plan needs defined "
+    TORCH_CHECK_VALUE(!weights_.empty(), "the spectral_ext ops need at least one layer");
+    for (size_t i = 0; i < weights_.size(); ++i) {
+      TORCH_CHECK_VALUE(weights_[i].defined() && vs_[i].defined(), "a step plan needs defined "
                         "tensors; weights[", i, "] or vs[", i, "] is undefined");
-      weak_.emplace_back(weights[i].getIntrusivePtr());
     }
   }
 
@@ -66,32 +62,6 @@ class PlanTensors {
   // end() (Step below does).  The common case, kNone, touches each tensor's metadata once and
   // copies no tensor handle: for 512 layers this loop is most of the plan's host time.
   Change begin(int64_t n_iter, c10::DeviceType type) {
-    // the weights, held for this step only (end() drops them, also when this throws)
-    weights_.clear();
-    weights_.reserve(weak_.size());
-    for (const auto& w : weak_) {
-      auto impl = w.lock();
-      if (!impl) {
-        weights_.clear();
-        return Change::kDeclined;
-      }
-      weights_.emplace_back(std::move(impl));
-    }
-    try {
-      return check(n_iter, type);
-    } catch (...) {
-      end();
-      throw;
-    }
-  }
-
-  void end() {
-    grads_.clear();
-    weights_.clear();
-  }
-
- private:
-  Change check(int64_t n_iter, c10::DeviceType type) {
     if (weights_[0].device().type() != type) return Change::kDeclined;
     const size_t L = weights_.size();
     bool same = valid_, moved = false;
@@ -123,8 +93,8 @@ class PlanTensors {
     return Change::kAll;
   }
 
+  void end() { grads_.clear(); }
 
- public:
   // begin() in the constructor, end() on every way out.
   struct Step {
     Step(PlanTensors& t, int64_t n_iter, c10::DeviceType type)
@@ -134,7 +104,6 @@ class PlanTensors {
     const Change change;
   };
 
-  // The weights (between begin and end: a step's own strong references)
   const std::vector<at::Tensor>& weights() const { return weights_; }
   const std::vector<at::Tensor>& vs() const { return vs_; }
   // This step's gradients (between begin and end; begin reads them only when something changed)
@@ -145,8 +114,8 @@ class PlanTensors {
     }
     return grads_;
   }
-  // The number of layers (at any time)
-  size_t size() const { return weak_.size(); }
+  // The number of layers
+  size_t size() const { return weights_.size(); }
   // How many steps ran the full input checks (tests: the fast path must skip them).
   int64_t full_checks() const { return full_checks_; }
 
@@ -229,9 +198,7 @@ class PlanTensors {
     valid_ = true;
   }
 
-  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> weak_;
-  std::vector<at::Tensor> weights_;  // this step's weights, locked from weak_ (cleared by end())
-  std::vector<at::Tensor> vs_;
+  std::vector<at::Tensor> weights_, vs_;
   std::vector<at::Tensor> grads_;   // this step's gradients (cleared by end())
   struct LayerMeta {
     Meta w, v, g;
