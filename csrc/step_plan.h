@@ -34,6 +34,7 @@
 #include <c10/util/SmallVector.h>
 
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 #include "spectral_ext.h"
@@ -96,12 +97,21 @@ class PlanTensors {
   void end() { grads_.clear(); }
 
   // begin() in the constructor, end() on every way out.
+  // If the step fails after begin() (the backend's preparation threw: a refused capture, out of
+  // memory), the snapshot no longer describes what the backend has prepared: it is dropped, so
+  // the next step runs the full checks and the backend prepares everything again (kAll).
   struct Step {
     Step(PlanTensors& t, int64_t n_iter, c10::DeviceType type)
-        : t(t), change(t.begin(n_iter, type)) {}
-    ~Step() { t.end(); }
+        : t(t), change(t.begin(n_iter, type)), exceptions_(std::uncaught_exceptions()) {}
+    ~Step() {
+      if (std::uncaught_exceptions() > exceptions_) t.valid_ = false;
+      t.end();
+    }
     PlanTensors& t;
     const Change change;
+
+   private:
+    const int exceptions_;
   };
 
   const std::vector<at::Tensor>& weights() const { return weights_; }

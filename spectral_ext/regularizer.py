@@ -602,7 +602,10 @@ class SpectralNormRegularizer(nn.Module):
         synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``.
         Eager calls on the "cpu" and "cuda" backends run through a cached step plan
         (``functional.make_step_plan``): the same results, bit for bit, with the input checks
-        repeated only when a tensor changed."""
+        repeated only when a tensor changed.  The plan references the weights, which makes
+        ``torch.utils.swap_tensors`` refuse them: no plan is used while
+        ``torch.__future__.set_swap_module_params_on_conversion(True)`` is set; set it before
+        the first step (a plan made before is dropped by the next step)."""
         b = self._bind()
         if torch.__future__.get_swap_module_params_on_conversion():
             # Module._apply then swaps the Parameters (torch.utils.swap_tensors), which refuses

@@ -524,6 +524,39 @@ def test_cuda_plan_equals_the_cuda_op_bitwise(copied_layer):
     assert plan.full_checks() == 1
 
 
+@pytest.mark.parametrize("change", ["grads moved", "grads replaced by another layout"])
+def test_cuda_plan_recovers_from_a_step_that_failed_half_way(change):
+    """A step whose preparation throws after the plan took its new snapshot (here: new gradients
+    under an emulated capture, which refuses to upload their table) must not leave the next step
+    a partial set of tables: it launched nothing, returned uninitialized sigmas and added
+    nothing, silently.  The next eager step equals the op's."""
+    ops, Plan = _emu()
+    ws = [_leaf(torch.randn(8, 6)), _leaf(torch.randn(5, 7, dtype=torch.float64))]
+    for w in ws:
+        w.grad = torch.zeros_like(w)
+    vs = se.init_vectors(ws)
+    plan = Plan(ws, vs)
+    ops.clear_plans()
+    plan.step(LAM, 1)                       # reusable tables
+    for w in ws:
+        w.grad = (torch.zeros_like(w) if change == "grads moved"
+                  else torch.zeros(w.shape[::-1], dtype=w.dtype).t())
+    ops.capture(True)
+    try:
+        with pytest.raises(RuntimeError, match="no cached layer table"):
+            plan.step(LAM, 1)
+    finally:
+        ops.capture(False)
+    ops.destroy_graphs()
+    ws2, vs2 = _twin(ws, vs)
+    for w, w2 in zip(ws, ws2):
+        w2.grad = _copy(w.grad)
+    sig = plan.step(LAM, 1)
+    sig2 = _emu_op_step(ops, ws2, vs2, 1)
+    _assert_same(ws, vs, ws2, vs2, sig, sig2)
+    assert all(w.grad.abs().sum() > 0 for w in ws)
+
+
 def test_cuda_plan_reuses_its_tables_and_raises_the_ops_errors():
     ops, Plan = _emu()
     ws, vs = _small()

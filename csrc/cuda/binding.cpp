@@ -308,6 +308,7 @@ int64_t first_copied(const std::vector<Operand>& keep, size_t n) {
 std::shared_ptr<Plan> table_for(const std::vector<int64_t>& idx, at::TensorList weights,
                                 at::TensorList vs, at::TensorList grads, cudaStream_t stream,
                                 std::vector<Operand>& keep, std::string* key_out = nullptr) {
+  const char* op = grads.empty() ? "spectral_norms" : "fused_step";
   const at::Device device = weights[0].device();
   const DType dt = dtype_of(weights[idx[0]].scalar_type());
   std::vector<LayerDesc> descs;
@@ -327,10 +328,11 @@ std::shared_ptr<Plan> table_for(const std::vector<int64_t>& idx, at::TensorList 
   const int64_t first_copy = first_copied(keep, idx.size());
   if (first_copy >= 0) {
     TORCH_CHECK(!capturing,
-                "spectral_ext.fused_step (CUDA): weights[", idx[first_copy], "] or its gradient "
-                "cannot be viewed as a rows x cols matrix (e.g. a permuted conv weight), so each "
-                "step copies it, which a CUDA graph cannot capture; make it (and its .grad) "
-                "contiguous, or step outside the graph");
+                "spectral_ext.", op, " (CUDA): weights[", idx[first_copy], "]",
+                grads.empty() ? "" : " or its gradient", " cannot be viewed as a rows x cols "
+                "matrix (e.g. a permuted conv weight), so each call copies it, which a CUDA graph "
+                "cannot capture; make it", grads.empty() ? "" : " (and its .grad)",
+                " contiguous, or call it outside the graph");
     if (key_out != nullptr) key_out->clear();
     return build_plan(descs, device, stream);
   }
@@ -339,9 +341,9 @@ std::shared_ptr<Plan> table_for(const std::vector<int64_t>& idx, at::TensorList 
   std::shared_ptr<Plan> plan = plan_cache().get(key);
   if (!plan) {
     TORCH_CHECK(!capturing,
-                "spectral_ext.fused_step (CUDA): these tensors have no cached layer table yet, "
+                "spectral_ext.", op, " (CUDA): these tensors have no cached layer table yet, "
                 "and uploading one is not allowed while the stream is captured into a CUDA "
-                "graph; run one step with the same tensors before capturing (warm-up)");
+                "graph; call ", op, " once with the same tensors before capturing (warm-up)");
     plan = build_plan(descs, device, stream);
     plan_cache().put(key, plan);
   }
@@ -696,6 +698,9 @@ class CudaStepPlan : public torch::CustomClassHolder {
     const at::Device device = weights[0].device();
     const OnDevice on(device);
     if (s.change != PlanTensors::Change::kNone || !reusable_) {
+      // not reusable until every group is built: a throw below (a refused capture, out of
+      // memory) must not leave a partial groups_ for the next step to launch
+      reusable_ = false;
       const at::TensorList grads(t_.grads());
       std::map<at::ScalarType, std::vector<int64_t>> by_dtype;
       for (size_t i = 0; i < weights.size(); ++i) {
@@ -709,8 +714,9 @@ class CudaStepPlan : public torch::CustomClassHolder {
         g.table = table_for(kv.second, weights, t_.vs(), grads, on.stream, keep_, &g.key);
         groups_.push_back(std::move(g));
       }
-      reusable_ = true;
-      for (const auto& k : keep_) reusable_ &= !k.W_hold.defined() && !k.G_hold.defined();
+      bool reusable = true;
+      for (const auto& k : keep_) reusable &= !k.W_hold.defined() && !k.G_hold.defined();
+      reusable_ = reusable;
       sigma_dtype_ = sigma_type(weights);
     }
     if (stream_is_capturing(on.stream)) {
