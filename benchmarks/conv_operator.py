@@ -116,7 +116,7 @@ def run_sigmas(names):
 
 
 def run_digits(epochs, lam, train_size=400, seed=0):
-    from spectral_ext.experiments.digits import accuracy, load_digits, make_cnn
+    from spectral_ext.experiments.digits import accuracy, load_digits, make_cnn, train_epoch
     (xtr, ytr), (xte, yte) = load_digits(train_size, seed)
     for mode in ("none", "matricized", "operator"):
         torch.manual_seed(seed)
@@ -127,14 +127,7 @@ def run_digits(epochs, lam, train_size=400, seed=0):
         gen = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
         for _ in range(epochs):
-            model.train()
-            for idx in torch.randperm(len(ytr), generator=gen).split(32):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-                if reg is not None:
-                    reg.step()
-                opt.step()
-        model.eval()
+            train_epoch(model, opt, reg, xtr, ytr, 32, gen)
         label = "no regularizer" if mode == "none" else f"conv_norm={mode!r}, lam={lam:g}"
         print(f"\n== digits CNN after {epochs} epochs, {label} "
               f"({time.perf_counter() - t0:.1f} s): train acc {accuracy(model, xtr, ytr):.3f}, "

@@ -97,12 +97,17 @@ def _sgd(weights, lr=0.1):
             w.sub_(lr * w.grad)
 
 
-def test_plan_step_equals_op_bitwise_on_awkward_inputs():
+def _awkward_pair():
+    """The awkward weights with gradients and vectors, and their twins for the op path."""
     ws = _awkward_weights()
     for w, g in zip(ws, _awkward_grads(ws)):
         w.grad = g
     vs = _vectors(ws)
-    ws2, vs2 = _twin(ws, vs)
+    return (ws, vs, *_twin(ws, vs))
+
+
+def test_plan_step_equals_op_bitwise_on_awkward_inputs():
+    ws, vs, ws2, vs2 = _awkward_pair()
     plan = make_step_plan(ws, vs)
     assert plan is not None
     for it in range(4):
@@ -137,11 +142,7 @@ def test_missing_grads_are_created_like_the_op_path():
 
 
 def test_replaced_grads_are_followed():
-    ws = _awkward_weights()
-    for w, g in zip(ws, _awkward_grads(ws)):
-        w.grad = g
-    vs = _vectors(ws)
-    ws2, vs2 = _twin(ws, vs)
+    ws, vs, ws2, vs2 = _awkward_pair()
     plan = make_step_plan(ws, vs)
     plan.step(LAM, 1)
     se.fused_step(ws2, vs2, lam=LAM, backend="cpu")

@@ -44,6 +44,20 @@ def accuracy(model, x, y):
     return (model(x).argmax(1) == y).float().mean().item()
 
 
+def train_epoch(model, opt, reg, xtr, ytr, batch: int, gen) -> None:
+    """One epoch of SGD over shuffled minibatches (order drawn from ``gen``), with
+    ``reg.step()`` between backward and the optimizer step when ``reg`` is given; leaves the
+    model in eval mode."""
+    model.train()
+    for idx in torch.randperm(len(ytr), generator=gen).split(batch):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        if reg is not None:
+            reg.step()
+        opt.step()
+    model.eval()
+
+
 def train(lam, args, train_set, test_set):
     torch.manual_seed(args.seed)
     model = make_cnn()
@@ -56,14 +70,7 @@ def train(lam, args, train_set, test_set):
     print(f"\n== {label} ==")
     print(f"{'epoch':>5} {'train acc':>9} {'test acc':>8} {'gap':>7} {'max sigma':>9}")
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        for idx in torch.randperm(len(ytr), generator=gen).split(args.batch):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            if reg is not None:
-                reg.step()
-            opt.step()
-        model.eval()
+        train_epoch(model, opt, reg, xtr, ytr, args.batch, gen)
         tr, te = accuracy(model, xtr, ytr), accuracy(model, xte, yte)
         smax = monitor.exact_sigmas().max().item()     # monitoring, outside the training step
         print(f"{epoch:5d} {tr:9.3f} {te:8.3f} {tr - te:7.3f} {smax:9.3f}")
