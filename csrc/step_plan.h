@@ -96,6 +96,13 @@ class PlanTensors {
 
   void end() { grads_.clear(); }
 
+  // The scalar checks of a plan's step, in the op's order and with its messages (the op checks
+  // n_iter in check_inputs, which a plan runs only when a tensor changed).
+  static void check_scalars(double lam, int64_t n_iter) {
+    check_lam(lam);
+    TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
+  }
+
   // begin() in the constructor, end() on every way out.
   // If the step fails after begin() (the backend's preparation threw: a refused capture, out of
   // memory), the snapshot no longer describes what the backend has prepared: it is dropped, so

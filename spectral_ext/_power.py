@@ -159,14 +159,20 @@ def lanczos(matvec: Callable[[Vec], Vec], v0: Sequence[torch.Tensor], n_iter: in
     return PowerResult(value.detach(), normalize([t.detach() for t in vec])[0], len(alphas))
 
 
-def _ritz(alphas, betas):
-    """max |theta| of the tridiagonal T (alphas on the diagonal, betas beside it) and its
-    eigenvector, in float64."""
+def tridiagonal_eigh(alphas, betas):
+    """(eigenvalues ascending, eigenvectors) of the Lanczos tridiagonal T (alphas on the
+    diagonal, betas beside it), in float64."""
     k = len(alphas)
     T = torch.diag(torch.stack(alphas).double())
     if k > 1:
         off = torch.stack(betas[:k - 1]).double()
         T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    theta, Y = torch.linalg.eigh(T)
+    return torch.linalg.eigh(T)
+
+
+def _ritz(alphas, betas):
+    """max |theta| of the tridiagonal T (alphas on the diagonal, betas beside it) and its
+    eigenvector, in float64."""
+    theta, Y = tridiagonal_eigh(alphas, betas)
     i = theta.abs().argmax()
     return theta[i].abs(), Y[:, i]

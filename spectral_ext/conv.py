@@ -435,12 +435,7 @@ def lanczos(matvec, v0: torch.Tensor, n_iter: int, tol: Optional[float] = None,
 
 def _tridiag_top(alphas, betas):
     """The largest eigenvalue of the Lanczos tridiagonal matrix and its eigenvector (float64)."""
-    k = len(alphas)
-    T = torch.diag(torch.stack(alphas).double())
-    if k > 1:
-        off = torch.stack(betas[:k - 1]).double()
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    theta, Y = torch.linalg.eigh(T)
+    theta, Y = _power.tridiagonal_eigh(alphas, betas)
     return theta[-1], Y[:, -1]
 
 

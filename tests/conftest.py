@@ -92,15 +92,32 @@ def assert_replay_equals_eager(graph, sigma, outs, starts, eager_sigma, eager_ou
         assert torch.equal(a, b)
 
 
+def emulation_or_skip():
+    """torch.ops.spectral_ext_emu, the CUDA kernels' CPU emulation (cuda_emulation.py, built on
+    first use), or a skip saying why it cannot be built here."""
+    import cuda_emulation
+    reason = cuda_emulation.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return cuda_emulation.load()
+
+
+def warm_up_on_a_side_stream(fn, times: int = 1):
+    """``fn()`` run ``times`` times on a side stream, ordered after and before the current
+    stream: PyTorch's warm-up before a CUDA-graph capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 def backend_or_skip(name: str, device: str):
     """(name, torch.device) of a backend a parametrized test runs on, or a skip saying why it
     cannot run here; "cuda-emulated" is the CUDA kernels' CPU emulation (cuda_emulation.py)."""
     if name == "cuda-emulated":
-        import cuda_emulation
-        reason = cuda_emulation.unavailable_reason()
-        if reason:
-            pytest.skip(reason)
-        cuda_emulation.load()
+        emulation_or_skip()
         return name, torch.device(device)
     import spectral_ext as se
     info = se.available_backends()[name]

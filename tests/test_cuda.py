@@ -17,8 +17,8 @@ import torch
 import spectral_ext as se
 from spectral_ext import functional, reference
 
-import cuda_emulation
-from conftest import assert_lowp_close, assert_rel_close, assert_replay_equals_eager
+from conftest import (assert_lowp_close, assert_rel_close, assert_replay_equals_eager,
+                      emulation_or_skip, warm_up_on_a_side_stream)
 
 GPU = se.available_backends()["cuda"].available
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and the CUDA kernels: "
@@ -26,10 +26,7 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and the CUDA ke
 
 
 def _emu():
-    reason = cuda_emulation.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    return cuda_emulation.load()
+    return emulation_or_skip()
 
 
 def _inputs(shapes, dtype=torch.float32, device="cpu"):
@@ -224,25 +221,33 @@ def _ref_step(ws, vs, gs, lam, n_iter):
     return reference.fused_step(ws, v, lam=lam, n_iter=n_iter, grads=g), v, g
 
 
+def _step_in_block_orders(ops, ws, vs, gs, lam, seeds):
+    """One emulated step (n_iter 2) from the same inputs per block-order seed; asserts that
+    every seed ran a different order and that all gave the same bits; returns the first
+    (sigma, vs, grads).  The test seed's order is restored."""
+    out, hashes = [], set()
+    try:
+        for seed in seeds:
+            ops.block_order(seed)
+            v, g = [x.clone() for x in vs], [x.clone() for x in gs]
+            out.append((ops.fused_step(ws, v, g, lam, 2), v, g))
+            hashes.add(ops.last_order_hash())
+    finally:
+        ops.block_order(int(os.environ["SPECTRAL_EXT_EMU_ORDER_SEED"]))
+    assert len(hashes) == len(seeds)      # different orders of the same grid (seed 0: in order)
+    for a in out[1:]:
+        for x, y in zip([out[0][0], *out[0][1], *out[0][2]], [a[0], *a[1], *a[2]]):
+            assert torch.equal(x, y)
+    return out[0]
+
+
 def test_blocks_run_in_a_seeded_random_order():
     """The emulation runs the blocks of a launch in a random order (SPECTRAL_EXT_EMU_ORDER_SEED,
     from the test seed): results, whose sums all have a fixed order, are bitwise the same for
     every order."""
     ops = _emu()
     ws, vs, gs = _inputs([(300, 1100), (2100, 3), (1, 5000)])
-    out, hashes = [], set()
-    try:
-        for seed in (0, 1, 2, 12345):
-            ops.block_order(seed)
-            v, g = [x.clone() for x in vs], [x.clone() for x in gs]
-            out.append((ops.fused_step(ws, v, g, 0.1, 2), v, g))
-            hashes.add(ops.last_order_hash())
-    finally:
-        ops.block_order(int(os.environ["SPECTRAL_EXT_EMU_ORDER_SEED"]))
-    assert len(hashes) == 4      # four different orders of the same grid (seed 0: in order)
-    for a in out[1:]:
-        for x, y in zip([out[0][0], *out[0][1], *out[0][2]], [a[0], *a[1], *a[2]]):
-            assert torch.equal(x, y)
+    _step_in_block_orders(ops, ws, vs, gs, 0.1, (0, 1, 2, 12345))
 
 
 # Deep "last block" sums (fused_step.cu, sum_partials): a column strip's last tile sums n_rb
@@ -265,20 +270,7 @@ def test_deep_last_block_sums_match_reference_in_every_block_order(dtype):
     ws.append(torch.randn(300, 8, 3, 3).to(dtype))                      # conv, 300 x 72
     vs = se.init_vectors(ws, seed=3)
     gs = [torch.randn_like(w) for w in ws]
-    out, hashes = [], set()
-    try:
-        for seed in (0, 7, 12345):
-            ops.block_order(seed)
-            v, g = [x.clone() for x in vs], [x.clone() for x in gs]
-            out.append((ops.fused_step(ws, v, g, 0.37, 2), v, g))
-            hashes.add(ops.last_order_hash())
-    finally:
-        ops.block_order(int(os.environ["SPECTRAL_EXT_EMU_ORDER_SEED"]))
-    assert len(hashes) == 3
-    for a in out[1:]:
-        for x, y in zip([out[0][0], *out[0][1], *out[0][2]], [a[0], *a[1], *a[2]]):
-            assert torch.equal(x, y)
-    s, v, g = out[0]
+    s, v, g = _step_in_block_orders(ops, ws, vs, gs, 0.37, (0, 7, 12345))
     s_ref, v_ref, g_ref = _ref_step(ws, vs, gs, 0.37, 2)
     if dtype != torch.bfloat16:
         tol = 2e-5 if dtype == torch.float32 else 1e-12
@@ -473,11 +465,8 @@ def test_cuda_graph_replay_equals_eager():
     eager_v, eager_g = [v.clone() for v in vs], [g.clone() for g in gs]
     eager_s = se.fused_step(ws, eager_v, grads=eager_g, n_iter=2, backend="cuda")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                         # warm-up: uploads the layer table
-        se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
+    # warm-up: uploads the layer table
+    warm_up_on_a_side_stream(lambda: se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         sigma = se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
@@ -495,11 +484,7 @@ def test_cuda_graph_survives_table_eviction():
     v0, g0 = [v.clone() for v in vs], [g.clone() for g in gs]
     eager_v, eager_g = [v.clone() for v in vs], [g.clone() for g in gs]
     eager_s = se.fused_step(ws, eager_v, grads=eager_g, n_iter=2, backend="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda")
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_on_a_side_stream(lambda: se.fused_step(ws, vs, grads=gs, n_iter=2, backend="cuda"))
     _C.cuda_clear_plans()    # the warm-up's table, unpinned so far: re-uploaded by the next step
     se.fused_step(ws, [v.clone() for v in vs], grads=[g.clone() for g in gs], n_iter=2,
                   backend="cuda")

@@ -9,7 +9,7 @@ from torch import nn
 
 import spectral_ext as se
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, warm_up_on_a_side_stream
 
 BACKENDS = [b for b in ("cuda", "triton") if se.available_backends()[b].available]
 pytestmark = pytest.mark.skipif(
@@ -50,12 +50,8 @@ def test_captured_training_step_replays_the_eager_run(backend):
     # graphed: the same 3 warm-up steps on a side stream (they create the .grad tensors and the
     # kernels' cached layer table), then one captured step replayed on static inputs
     model, opt, reg, data = _setup(backend, 0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for x, y in data[:3]:
-            _step(model, opt, reg, x, y)
-    torch.cuda.current_stream().wait_stream(side)
+    warmup = iter(data[:3])
+    warm_up_on_a_side_stream(lambda: _step(model, opt, reg, *next(warmup)), times=3)
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

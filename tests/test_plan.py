@@ -13,6 +13,8 @@ import spectral_ext as se
 from spectral_ext import _ops
 from spectral_ext.functional import make_step_plan
 
+from conftest import emulation_or_skip
+
 pytestmark = pytest.mark.skipif(_ops.CpuStepPlan is None,
                                 reason=f"no C++ extension: {_ops.CPU_EXTENSION_ERROR}")
 
@@ -469,12 +471,7 @@ def test_deepcopy_and_pickle_drop_the_plan():
 # ---- the CUDA plan (csrc/cuda/binding.cpp), through the CPU emulation of the CUDA binding -------
 
 def _emu():
-    import cuda_emulation
-    reason = cuda_emulation.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    ops = cuda_emulation.load()
-    return ops, torch.classes.spectral_ext_emu.CudaStepPlan
+    return emulation_or_skip(), torch.classes.spectral_ext_emu.CudaStepPlan
 
 
 def _emu_weights():

@@ -13,7 +13,7 @@ import spectral_ext as se
 from spectral_ext import _ops, reference
 
 import cuda_emulation
-from conftest import assert_lowp_close, assert_rel_close, backend_or_skip
+from conftest import assert_lowp_close, assert_rel_close, backend_or_skip, emulation_or_skip
 
 GPU = torch.cuda.is_available()
 BACKENDS = [("cuda", "cuda"), ("cuda-emulated", "cpu"), ("triton", "cuda" if GPU else "cpu")]
@@ -265,10 +265,7 @@ def test_float64_finite_differences(backend):
 def test_launch_counts(n_layers, n_iter):
     """The emulation counts kernel launches: the forward is 2 * n_iter launches and the backward
     one, whatever the number of layers (one weight dtype)."""
-    reason = cuda_emulation.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    ops = cuda_emulation.load()
+    ops = emulation_or_skip()
     weights = [torch.randn(s) for s in (SHAPES * 2)[:n_layers]]
     vs = se.init_vectors(weights)
     n0 = ops.launches()

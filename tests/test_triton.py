@@ -8,7 +8,7 @@ import torch
 import spectral_ext as se
 from spectral_ext import reference
 
-from conftest import assert_rel_close, assert_replay_equals_eager
+from conftest import assert_rel_close, assert_replay_equals_eager, warm_up_on_a_side_stream
 
 if not se.available_backends()["triton"].available:
     pytest.skip(f"the triton backend cannot run here: {se.available_backends()['triton'].detail}",
@@ -141,11 +141,7 @@ def test_cuda_graph_replay_survives_eviction():
     v0, g0 = [v.clone() for v in vs], [g.clone() for g in gs]
     eager_v, eager_g = [v.clone() for v in vs], [g.clone() for g in gs]
     eager_s = se.fused_step(ws, eager_v, grads=eager_g, n_iter=2, backend="triton")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        se.fused_step(ws, vs, grads=gs, n_iter=2, backend="triton")
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up_on_a_side_stream(lambda: se.fused_step(ws, vs, grads=gs, n_iter=2, backend="triton"))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         sigma = se.fused_step(ws, vs, grads=gs, n_iter=2, backend="triton")

@@ -671,8 +671,7 @@ class CpuStepPlan : public torch::CustomClassHolder {
   // weights are no longer CPU tensors or some weight does not require grad (frozen): the
   // caller then takes the op path.
   std::optional<at::Tensor> step(double lam, int64_t n_iter) {
-    check_lam(lam);
-    TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
+    PlanTensors::check_scalars(lam, n_iter);
     const PlanTensors::Step s(t_, n_iter, c10::DeviceType::CPU);
     if (s.change == PlanTensors::Change::kDeclined) return std::nullopt;
     if (s.change == PlanTensors::Change::kAll) {

@@ -689,8 +689,7 @@ class CudaStepPlan : public torch::CustomClassHolder {
   // As CpuStepPlan::step; None (nothing done) when the weights left the kernels' device or a
   // weight is frozen.
   std::optional<at::Tensor> step(double lam, int64_t n_iter) {
-    check_lam(lam);
-    TORCH_CHECK_VALUE(n_iter >= 1, "n_iter must be >= 1, got ", n_iter);
+    PlanTensors::check_scalars(lam, n_iter);
     TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
     const PlanTensors::Step s(t_, n_iter, kKernelDevice);
     if (s.change == PlanTensors::Change::kDeclined) return std::nullopt;
