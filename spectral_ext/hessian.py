@@ -37,7 +37,9 @@ Where this deliberately differs from ``opt.py``:
 differentiating the HVP (one more backward through the double-backward graph);
 ``grad_method="finite_difference"`` uses the cheaper central difference of gradients along v,
     d (v^T H v) / d theta ~ (g(theta + eps v) - 2 g(theta) + g(theta - eps v)) / eps^2,
-two extra gradient evaluations of loss_fn at perturbed parameters (restored exactly after).
+two extra gradient evaluations of loss_fn at perturbed parameters (restored exactly after);
+it assumes the loss is smooth within eps of theta along v (a ReLU kink that some sample crosses
+there makes it wrong: use "autograd" for such networks when exactness matters).
 """
 
 import contextlib
