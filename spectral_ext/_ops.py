@@ -26,8 +26,9 @@ of ``fused_step``, ``spectral_norms`` and ``spectral_norms_backward`` when it wa
 (csrc/cuda/); the pure-PyTorch reference is
 registered as the default kernel, so the ops run on any device.  Outputs: sigma is
 float32, or float64 if any weight is float64; us are in each layer's accumulation dtype (float64
-for float64 weights, else float32); vs_new in the dtype of each v.  The GPU kernels return us and
-vs_new as disjoint views of one buffer per weight dtype (no per-layer allocation or copy).
+for float64 weights, else float32); vs_new in the dtype of each v.  Each output is a tensor of
+its own (a custom op's outputs may not alias each other): the GPU kernels write u and v into one
+buffer per weight dtype and copy them out with one split_with_sizes_copy per buffer.
 
 The autograd formula of spectral_norms runs the fused backward (one launch) on CUDA tensors when
 the CUDA kernels are built (the Triton op: its Triton backward), in eager mode; under
@@ -94,41 +95,17 @@ def _fused_step_fake(weights, vs, grads, lam, n_iter):
     return _sigma_like(weights)
 
 
-def _shared_outputs(weights, vs, v_dtypes_shared):
-    """us and vs_new as the GPU kernels return them: per weight dtype, the us are disjoint views
-    of one buffer, and so are the vs_new of each v dtype in ``v_dtypes_shared`` (others are
-    tensors of their own).  (The fake kernels must reproduce which outputs share a storage.)"""
-    us, vs_new = [None] * len(weights), [None] * len(weights)
-    groups = {}
-    for i, w in enumerate(weights):
-        groups.setdefault(w.dtype, []).append(i)
-    for dtype, idx in groups.items():
-        rows = [weights[i].shape[0] for i in idx]
-        U = weights[idx[0]].new_empty((sum(rows),), dtype=_checks.acc_dtype(dtype))
-        for i, u in zip(idx, U.split(rows)):
-            us[i] = u
-        for vdt in {vs[i].dtype for i in idx}:
-            sub = [i for i in idx if vs[i].dtype == vdt]
-            if vdt not in v_dtypes_shared:
-                for i in sub:
-                    vs_new[i] = vs[i].new_empty(vs[i].shape)
-                continue
-            cols = [vs[i].shape[0] for i in sub]
-            V = vs[sub[0]].new_empty((sum(cols),))
-            for i, v in zip(sub, V.split(cols)):
-                vs_new[i] = v
-    return us, vs_new
+def _new_outputs(weights, vs):
+    """us (accumulation dtype) and vs_new (each v's dtype), each a tensor of its own: a custom
+    op's outputs may not alias each other, so every backend returns them so."""
+    us = [w.new_empty((w.shape[0],), dtype=_checks.acc_dtype(w.dtype)) for w in weights]
+    return us, [v.new_empty(v.shape) for v in vs]
 
 
 @torch.library.register_fake("spectral_ext::spectral_norms")
 def _spectral_norms_fake(weights, vs, n_iter):
     _checks.check_weights_and_vectors(weights, vs)
-    if weights[0].device.type == "cuda":   # the CUDA kernel: views of one buffer per dtype
-        us, vs_new = _shared_outputs(weights, vs, (torch.float32, torch.float64))
-    else:
-        us = [w.new_empty((w.shape[0],), dtype=_checks.acc_dtype(w.dtype)) for w in weights]
-        vs_new = [v.new_empty(v.shape) for v in vs]
-    return _sigma_like(weights), us, vs_new
+    return (_sigma_like(weights), *_new_outputs(weights, vs))
 
 
 @torch.library.register_fake("spectral_ext::spectral_norms_backward")
@@ -254,9 +231,8 @@ else:
         return weights[0].new_empty((len(weights),), dtype=torch.float32)
 
 
-    # spectral_norms with the Triton kernels: defined like spectral_norms (not custom_op, whose
-    # runtime check refuses outputs that share a storage: us and vs_new are disjoint views of
-    # one buffer per dtype), opaque to torch.compile for the reason given above.
+    # spectral_norms with the Triton kernels: defined like spectral_norms, opaque to
+    # torch.compile for the reason given above.
     _LIB.define("spectral_norms_triton(Tensor[] weights, Tensor[] vs, int n_iter) "
                 "-> (Tensor, Tensor[], Tensor[])")
     _LIB.define("spectral_norms_backward_triton(Tensor grad_sigma, Tensor[] us, Tensor[] vs, "
@@ -280,9 +256,8 @@ else:
     @torch.library.register_fake("spectral_ext::spectral_norms_triton")
     def _spectral_norms_triton_fake(weights, vs, n_iter):
         _checks.check_no_overlap(weights, vs, None)
-        # float64 vectors come back as tensors of their own (torch.where), float32 ones as views
-        us, vs_new = _shared_outputs(weights, vs, (torch.float32,))
-        return weights[0].new_empty((len(weights),), dtype=torch.float32), us, vs_new
+        return (weights[0].new_empty((len(weights),), dtype=torch.float32),
+                *_new_outputs(weights, vs))
 
     @torch.library.register_fake("spectral_ext::spectral_norms_backward_triton")
     def _spectral_norms_backward_triton_fake(grad_sigma, us, vs, grads, accumulate):

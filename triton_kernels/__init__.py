@@ -275,8 +275,9 @@ def spectral_norms_forward(weights: Sequence[torch.Tensor], vs: Sequence[torch.T
     ``(sigma [L] float32, us, vs_new)``; nothing is mutated.  The phases of fused_step without
     the gradient: v goes to an output buffer (filled with the current v first, so a v that no
     iteration updated stays as it was), u is written after the last iteration.  us and vs_new
-    are disjoint views of one buffer per weight dtype (float32); a float64 v's new value is
-    converted back to float64 (its old bits where no iteration updated it)."""
+    are copied out of one buffer per weight dtype (float32) by one split_with_sizes_copy each (a
+    custom op's outputs may not alias each other); a float64 v's new value is converted back to
+    float64 (its old bits where no iteration updated it)."""
     device = weights[0].device
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
@@ -322,10 +323,13 @@ def _spectral_norms_forward(weights, vs, n_iter, device):
                 p.pcount, p.layer_out, u_raw, v_prime, u_norm, partial, sigma, v_updated, 0.0,
                 u_out, G_DTYPE=wt, UPDATE_GRAD=False, TRACK_UPDATES=bool(v_copies),
                 BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64, WRITE_U=last)
-        uoff, voff = _offsets([w.shape[0] for w in Ws]), _offsets([w.shape[1] for w in Ws])
+        # tensors of their own (a custom op's outputs may not alias each other): one
+        # split_with_sizes_copy per buffer
+        u_split = torch.split_with_sizes_copy(u_out, [w.shape[0] for w in Ws])
+        v_split = torch.split_with_sizes_copy(v_out, [w.shape[1] for w in Ws])
         for j, i in enumerate(idx):
-            us[i] = u_out[uoff[j]:uoff[j + 1]]
-            vs_new[i] = v_out[voff[j]:voff[j + 1]]
+            us[i] = u_split[j]
+            vs_new[i] = v_split[j]
         for j, v, _ in v_copies:
             if v.dtype != torch.float32:   # a float64 v: its own bits where not updated
                 vs_new[idx[j]] = torch.where(v_updated[j] != 0, vs_new[idx[j]].to(v.dtype), v)

@@ -26,6 +26,7 @@
 #include <ATen/TensorUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/split_with_sizes_copy.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/custom_class.h>
@@ -540,8 +541,10 @@ at::Tensor fused_step_cuda(at::TensorList weights, at::TensorList vs, at::Tensor
 // spectral_ext::spectral_norms(Tensor[] weights, Tensor[] vs, int n_iter)
 //     -> (Tensor sigma, Tensor[] us, Tensor[] vs_new)
 // fused_step's checks, tables and kernels without the gradient kernel: 2 * n_iter launches per
-// weight dtype.  us and vs_new are views into one output buffer per dtype group (u: accumulation
-// type; v: float32 and/or float64, as each v), so no per-layer allocation or copy; vs is only read.
+// weight dtype (plus one split_with_sizes_copy per output buffer).  The kernels write u and v
+// into one buffer per dtype group (u: accumulation type; v: float32 and/or float64, as each v);
+// the returned us and vs_new are copies of their own (a custom op's outputs may not alias each
+// other); vs is only read.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectral_norms_cuda(
     at::TensorList weights, at::TensorList vs, int64_t n_iter) {
   check_inputs(weights, vs, nullptr, n_iter);
@@ -574,13 +577,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> spectra
     std::shared_ptr<Plan> plan = table_for(kv.second, weights, vs, {}, scope.stream, keep);
     launch_group(plan.get(), dtype_of(kv.first), device, 0.0, n_iter, sigma, scope.torch_stream,
                  scope.stream, &out);
-    int64_t u_off = 0, v_off = 0;   // the plan's offsets: the group's order, prefix sums
+    // The outputs of a custom op may not alias each other (PyTorch refuses that under CI and
+    // deprecates it): each layer's u and v are copied out of the group's buffers, one
+    // split_with_sizes_copy per buffer (the plan's offsets: the group's order, prefix sums).
+    std::vector<int64_t> rows, cols;
     for (int64_t i : kv.second) {
-      const int64_t rows = weights[i].size(0), cols = matrix_cols(weights[i]);
-      us[i] = U.narrow(0, u_off, rows);
-      vs_new[i] = (vs[i].scalar_type() == at::kDouble ? VD : VF).narrow(0, v_off, cols);
-      u_off += rows;
-      v_off += cols;
+      rows.push_back(weights[i].size(0));
+      cols.push_back(matrix_cols(weights[i]));
+    }
+    const std::vector<at::Tensor> u_split = at::split_with_sizes_copy(U, rows);
+    const std::vector<at::Tensor> vf_split =
+        any_float ? at::split_with_sizes_copy(VF, cols) : std::vector<at::Tensor>();
+    const std::vector<at::Tensor> vd_split =
+        any_double ? at::split_with_sizes_copy(VD, cols) : std::vector<at::Tensor>();
+    for (size_t j = 0; j < kv.second.size(); ++j) {
+      const int64_t i = kv.second[j];
+      us[i] = u_split[j];
+      vs_new[i] = vs[i].scalar_type() == at::kDouble ? vd_split[j] : vf_split[j];
     }
   }
   return {sigma, std::move(us), std::move(vs_new)};
