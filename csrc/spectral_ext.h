@@ -176,6 +176,34 @@ inline bool check_no_overlap(at::TensorList weights, at::TensorList vs,
   return true;
 }
 
+inline std::string py_layout(at::Layout l) {
+  switch (l) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    case at::kJagged: return "torch.jagged";
+    default: return "an unsupported layout";
+  }
+}
+
+// The kernels read and write a tensor's memory directly: it must be dense (strided), and one
+// that is written (a vector, a gradient) must carry no lazy negation bit (torch._neg_view).
+// On the op path the dispatcher resolves a negated weight (read only) and refuses a negated
+// vector or gradient before the kernel runs; the step plans call the kernels without it: they
+// decline a negated weight (the caller takes the op path) and refuse the rest here.  Complex
+// tensors (conjugate bit) fail the dtype rules.
+inline void check_dense(const char* name, size_t i, const at::Tensor& t, bool written) {
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, name, "[", i, "] has layout ",
+                    py_layout(t.layout()), "; the spectral_ext ops need dense (torch.strided) "
+                    "tensors");
+  TORCH_CHECK_VALUE(!written || !t.is_neg(), name, "[", i, "] is a lazily negated view (is_neg() "
+                    "is True) and is updated in place: pass t.resolve_neg()");
+}
+
 // Checks metadata only (no device synchronisation), in the same order and with the same
 // messages and exception types (ValueError / TypeError) as spectral_ext/_checks.py, so a
 // rejected call mutates nothing.  `grads` may be null (spectral_norms).
@@ -199,6 +227,7 @@ inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::Te
     TORCH_CHECK_VALUE(dup.second, "weights[", i, "] is the same tensor as weights[",
                       dup.first->second,
                       "]; pass each weight once (tied weights must be de-duplicated)");
+    check_dense("weights", i, w, /*written=*/false);
     TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf,
                      "weights[", i, "] has dtype ", py_dtype(t),
                      "; supported weight dtypes are float32, float64, bfloat16 and float16");
@@ -210,6 +239,7 @@ inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::Te
     TORCH_CHECK_VALUE(w.device() == device, "weights[", i, "] is on ", w.device(),
                       " but weights[0] is on ", device,
                       ": all tensors of one call must be on the same device");
+    check_dense("vs", i, v, /*written=*/true);
     TORCH_CHECK_TYPE(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble, "vs[", i,
                      "] has dtype ", py_dtype(v.scalar_type()), "; v must be float32 or float64");
     const int64_t cols = matrix_cols(w);
@@ -233,6 +263,7 @@ inline void check_inputs(at::TensorList weights, at::TensorList vs, const at::Te
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& w = weights[i];
     const auto& g = (*grads)[i];
+    check_dense("grads", i, g, /*written=*/true);
     TORCH_CHECK_VALUE(g.sizes() == w.sizes(), "grads[", i, "] has shape ", py_shape(g.sizes()),
                       " but weights[", i, "] has shape ", py_shape(w.sizes()));
     TORCH_CHECK_TYPE(g.scalar_type() == w.scalar_type(), "grads[", i, "] has dtype ",

@@ -32,6 +32,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <c10/util/SmallVector.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cstdint>
 #include <exception>
@@ -57,7 +58,8 @@ class PlanTensors {
   }
 
   // Reads this step's gradients and says what changed (see above).  kDeclined, having done
-  // nothing, when the weights are no longer on `type` or some weight does not require grad:
+  // nothing, when the weights are no longer on `type`, some weight does not require grad or
+  // is a negated view:
   // the caller then takes the op path, which knows what to do with frozen weights (skip them)
   // or another device.  Throws, having changed nothing, when the full checks fail.  Pair with
   // end() (Step below does).  The common case, kNone, touches each tensor's metadata once and
@@ -66,14 +68,20 @@ class PlanTensors {
     if (weights_[0].device().type() != type) return Change::kDeclined;
     const size_t L = weights_.size();
     bool same = valid_, moved = false;
+    const int64_t* dims = dims_.data();
     for (size_t i = 0; i < L; ++i) {
-      const c10::TensorImpl* w = weights_[i].unsafeGetTensorImpl();
-      if (!w->requires_grad()) return Change::kDeclined;
+      prefetch(i);
+      // the weight's AutogradMeta, read directly: TensorImpl::requires_grad() and grad() are
+      // two out-of-line and two virtual calls each, for the same two fields
+      const auto* am = autograd_meta(i);
+      if (am == nullptr || !(am->requires_grad_ || am->grad_fn_)) return Change::kDeclined;
       if (!same) continue;
-      const at::Tensor& g = w->grad();   // (at::Tensor::grad() adds a non-leaf warning test)
       const LayerMeta& m = meta_[i];
-      same = m.w.same(weights_[i], true) && m.v.same(vs_[i], true) && m.g.same(g, false);
-      moved |= same && Meta::address(g) != m.g.ptr;
+      const void* g_at = nullptr;
+      same = m.w.same_at(weights_[i].unsafeGetTensorImpl(), dims) &&
+             m.v.same_at(vs_[i].unsafeGetTensorImpl(), dims) &&
+             m.g.same(grad_of(am), dims, &g_at);
+      moved |= same && g_at != m.g.ptr;
     }
     if (same && !moved) return Change::kNone;
     grads_.resize(L);
@@ -84,8 +92,15 @@ class PlanTensors {
     }
     const at::TensorList grads(grads_);
     if (same && !check_no_overlap(weights_, vs_, &grads, /*detect_only=*/true)) {
-      for (size_t i = 0; i < L; ++i) meta_[i].g.ptr = Meta::address(grads_[i]);
+      for (size_t i = 0; i < L; ++i) {
+        meta_[i].g.ptr = Meta::address(grads_[i].unsafeGetTensorImpl());
+      }
       return Change::kGradsMoved;
+    }
+    // A negated weight (torch._neg_view) is resolved by the op path's dispatcher; the kernels
+    // would read its memory unnegated: the op path takes it.
+    for (const auto& w : weights_) {
+      if (w.is_neg()) return Change::kDeclined;
     }
     full_check(n_iter);   // throws before anything is changed
     if (missing) create_missing_grads();
@@ -137,41 +152,110 @@ class PlanTensors {
   int64_t full_checks() const { return full_checks_; }
 
  private:
-  // A tensor's layout as the checks and the table saw it.
+  // begin() is a chain of dependent loads per layer (weight -> AutogradMeta -> .grad -> its
+  // storage; the weight's and the vector's storage), most of them cache misses when the steps
+  // are apart: the links of layers further ahead are prefetched, each from the one fetched a
+  // stage before, so that the comparison of layer i finds them in cache.
+  const torch::autograd::AutogradMeta* autograd_meta(size_t i) const {
+    return static_cast<const torch::autograd::AutogradMeta*>(
+        weights_[i].unsafeGetTensorImpl()->autograd_meta());
+  }
+  static const c10::TensorImpl* grad_of(const torch::autograd::AutogradMeta* am) {
+    return am->grad_.defined() ? am->grad_.unsafeGetTensorImpl() : nullptr;
+  }
+  // begin() follows a chain of dependent loads per layer (weight -> AutogradMeta -> .grad ->
+  // its storage; the weight's and the vector's storage), each most likely an L1 miss for 512
+  // layers: the links of the layers ahead are prefetched, each stage from the one fetched a
+  // stage before, so that layer i finds its objects in cache.
+  void prefetch(size_t i) const {
+    constexpr size_t kImpl = 8, kMeta = 6, kGrad = 4, kGradStorage = 2;
+    const size_t L = weights_.size();
+    auto lines = [](const void* p, size_t bytes) {   // every cache line of an object
+      for (size_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+    };
+    auto storage = [&](const c10::TensorImpl* t) {
+      const c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
+      if (s != nullptr) lines(s, sizeof(c10::StorageImpl));
+    };
+    if (i + kImpl < L) {
+      lines(weights_[i + kImpl].unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+      lines(vs_[i + kImpl].unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+    }
+    if (i + kMeta < L) {
+      if (const auto* am = autograd_meta(i + kMeta)) {   // the lines of the fields read
+        __builtin_prefetch(&am->grad_);
+        __builtin_prefetch(&am->requires_grad_);
+      }
+      storage(weights_[i + kMeta].unsafeGetTensorImpl());
+      storage(vs_[i + kMeta].unsafeGetTensorImpl());
+    }
+    if (i + kGrad < L) {
+      const auto* am = autograd_meta(i + kGrad);
+      if (am != nullptr && am->grad_.defined()) lines(grad_of(am), sizeof(c10::TensorImpl));
+    }
+    if (i + kGradStorage < L) {
+      const auto* am = autograd_meta(i + kGradStorage);
+      if (am != nullptr && am->grad_.defined()) storage(grad_of(am));
+    }
+  }
+
+  // A tensor's layout as the checks and the table saw it.  Compared for 3 tensors of every
+  // layer at every step, so it reads only what TensorImpl and StorageImpl return inline, and
+  // is always inlined: the dispatch keys (backend, layout, the conj/neg/Python bits: a tensor
+  // with the snapshot's keys is a dense, strided one without custom size policies), dtype,
+  // sizes and strides, and the storage's device and address.
   struct Meta {
     const void* ptr = nullptr;
-    at::ScalarType dtype = at::kFloat;
+    c10::DispatchKeySet keys;
+    caffe2::TypeMeta dtype;
     c10::Device device{c10::kCPU};
-    // inline up to 5 dimensions: the table of all layers' metadata is one array, read in order
-    c10::SmallVector<int64_t, 5> sizes, strides;
+    uint32_t ndim = 0;
+    uint32_t at = 0;   // sizes then strides in dims_[at, at + 2 * ndim)
 
-    // The address of t's first element, read from the TensorImpl and its storage directly
-    // (const_data_ptr() adds checks that cost more than the whole comparison); nullptr for
-    // a tensor without storage (a sparse .grad: never the same as a checked one).
-    static const void* address(const at::Tensor& t) {
-      const c10::TensorImpl* i = t.unsafeGetTensorImpl();
-      if (!t.defined() || !i->has_storage()) return nullptr;
-      return static_cast<const char*>(i->unsafe_storage().data()) +
-             i->storage_offset() * static_cast<int64_t>(i->itemsize());
+    // The address of i's first element, or nullptr for a tensor without storage (a sparse .grad:
+    // never the same as a checked one).  Read from the TensorImpl and its storage directly
+    // (const_data_ptr() adds checks that cost more than the whole comparison).
+    C10_ALWAYS_INLINE static const void* address(const c10::TensorImpl* i) {
+      const c10::StorageImpl* s = i->unsafe_storage().unsafeGetStorageImpl();
+      if (s == nullptr) return nullptr;
+      return static_cast<const char*>(s->data_ptr().get()) +
+             i->storage_offset() * static_cast<int64_t>(i->dtype().itemsize());
     }
-    void take(const at::Tensor& t) {
-      ptr = address(t);
-      dtype = t.scalar_type();
-      device = t.device();
-      sizes.assign(t.sizes().begin(), t.sizes().end());
-      strides.assign(t.strides().begin(), t.strides().end());
-    }
-    // same layout (and, with with_ptr, same address)
-    bool same(const at::Tensor& t, bool with_ptr) const {
-      if (!t.defined()) return false;
+    void take(const at::Tensor& t, std::vector<int64_t>& dims) {
       const c10::TensorImpl* i = t.unsafeGetTensorImpl();
+      const c10::StorageImpl* s = i->unsafe_storage().unsafeGetStorageImpl();
+      ptr = address(i);
+      keys = i->key_set();
+      dtype = i->dtype();
+      device = s != nullptr ? s->data_ptr().device() : t.device();
+      ndim = static_cast<uint32_t>(t.dim());
+      at = static_cast<uint32_t>(dims.size());
+      dims.insert(dims.end(), t.sizes().begin(), t.sizes().end());
+      dims.insert(dims.end(), t.strides().begin(), t.strides().end());
+    }
+    // Whether i (nullptr: none) has the snapshot's layout; if so, *addr is its address.
+    C10_ALWAYS_INLINE bool same(const c10::TensorImpl* i, const int64_t* dims,
+                                const void** addr) const {
+      if (i == nullptr || i->key_set() != keys || i->dtype() != dtype) return false;
       const auto sz = i->sizes();
+      if (sz.size() != ndim) return false;
       const auto st = i->strides();
-      if (sz.size() != sizes.size()) return false;
-      for (size_t d = 0; d < sizes.size(); ++d) {
-        if (sz[d] != sizes[d] || st[d] != strides[d]) return false;
+      dims += at;
+      for (size_t d = 0; d < ndim; ++d) {
+        if (sz[d] != dims[d] || st[d] != dims[ndim + d]) return false;
       }
-      return i->dtype() == dtype && i->device() == device && (!with_ptr || address(t) == ptr);
+      const c10::StorageImpl* s = i->unsafe_storage().unsafeGetStorageImpl();
+      if (s == nullptr) return false;
+      const at::DataPtr& dp = s->data_ptr();
+      if (dp.device() != device) return false;
+      *addr = static_cast<const char*>(dp.get()) +
+              i->storage_offset() * static_cast<int64_t>(dtype.itemsize());
+      return true;
+    }
+    // the same layout at the same address
+    C10_ALWAYS_INLINE bool same_at(const c10::TensorImpl* i, const int64_t* dims) const {
+      const void* a = nullptr;
+      return same(i, dims, &a) && a == ptr;
     }
   };
 
@@ -207,10 +291,11 @@ class PlanTensors {
   void snapshot() {
     const size_t L = weights_.size();
     meta_.resize(L);
+    dims_.clear();
     for (size_t i = 0; i < L; ++i) {
-      meta_[i].w.take(weights_[i]);
-      meta_[i].v.take(vs_[i]);
-      meta_[i].g.take(grads_[i]);
+      meta_[i].w.take(weights_[i], dims_);
+      meta_[i].v.take(vs_[i], dims_);
+      meta_[i].g.take(grads_[i], dims_);
     }
     valid_ = true;
   }
@@ -221,6 +306,7 @@ class PlanTensors {
     Meta w, v, g;
   };
   std::vector<LayerMeta> meta_;
+  std::vector<int64_t> dims_;   // the snapshot's sizes and strides, in the order of meta_
   bool valid_ = false;
   int64_t full_checks_ = 0;
 };

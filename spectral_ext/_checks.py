@@ -94,6 +94,7 @@ def check_weights_and_vectors(weights, vs, overlap: bool = True):
             raise ValueError(f"weights[{i}] is the same tensor as weights[{seen_w[id(w)]}]; pass "
                              "each weight once (tied weights must be de-duplicated)")
         seen_w[id(w)] = i
+        check_dense("weights", i, w, written=False)
         if w.dtype not in WEIGHT_DTYPES:
             raise TypeError(
                 f"weights[{i}] has dtype {w.dtype}; supported weight dtypes are "
@@ -108,6 +109,7 @@ def check_weights_and_vectors(weights, vs, overlap: bool = True):
             raise ValueError(
                 f"weights[{i}] is on {w.device} but weights[0] is on {device}: "
                 "all tensors of one call must be on the same device")
+        check_dense("vs", i, v, written=True)
         if v.dtype not in VECTOR_DTYPES:
             raise TypeError(f"vs[{i}] has dtype {v.dtype}; v must be float32 or float64")
         rows, cols = matrix_shape(w)
@@ -131,6 +133,18 @@ def check_weights_and_vectors(weights, vs, overlap: bool = True):
     return weights, vs
 
 
+def check_dense(name: str, i: int, t: torch.Tensor, written: bool) -> None:
+    """The kernels read and write a tensor's memory directly: it must be dense (strided), and one
+    that is written (a vector, a gradient) must carry no lazy negation bit (torch._neg_view; a
+    negated weight is resolved by the caller).  Complex tensors fail the dtype rules."""
+    if t.layout != torch.strided:
+        raise ValueError(f"{name}[{i}] has layout {t.layout}; the spectral_ext ops need dense "
+                         "(torch.strided) tensors")
+    if written and t.is_neg():
+        raise ValueError(f"{name}[{i}] is a lazily negated view (is_neg() is True) and is updated "
+                         "in place: pass t.resolve_neg()")
+
+
 def _overlaps(t: torch.Tensor) -> bool:
     """Whether two elements of t share memory (a stride of 0 on a dimension of size > 1): such a
     tensor cannot be updated in place element by element."""
@@ -138,6 +152,7 @@ def _overlaps(t: torch.Tensor) -> bool:
 
 
 def _check_grad(i: int, w: torch.Tensor, g: torch.Tensor) -> None:
+    check_dense("grads", i, g, written=True)
     if g.shape != w.shape:
         raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but weights[{i}] has "
                          f"shape {tuple(w.shape)}")

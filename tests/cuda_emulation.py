@@ -40,7 +40,7 @@ def load():
         build = os.path.join(tempfile.gettempdir(), f"spectral_ext_cuda_emu_{os.getuid()}_"
                              f"{zlib.crc32(ROOT.encode()):08x}")
         os.makedirs(build, exist_ok=True)
-        flags = ["-DSPECTRAL_EXT_EMULATE", "-O2", "-g0", "-std=c++20", "-Wno-unknown-pragmas"]
+        flags = ["-DSPECTRAL_EXT_EMULATE", "-O3", "-g0", "-std=c++20", "-Wno-unknown-pragmas"]
         cpp_extension.load(
             name="spectral_ext_cuda_emu",
             sources=[os.path.join(ROOT, "csrc", "cuda", "binding.cpp"),

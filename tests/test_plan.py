@@ -4,6 +4,7 @@ through ``functional.fused_step``) on the same inputs; errors must be the op pat
 mutated.  Inputs are random, seeded per test from conftest's SEED (printed in pytest's header)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -238,6 +239,88 @@ def test_bad_grads_raise_the_op_paths_error_and_mutate_nothing(case, after_a_ste
     with pytest.raises(op_err.type) as plan_err:
         plan.step(LAM, 1)
     assert str(plan_err.value) == str(op_err.value)
+    _unchanged(ws, vs, snap)
+
+
+def _reallocate(t):
+    """t's storage freed and allocated again (as FSDP does with a parameter's storage), with the
+    same values and layout at (almost surely) another address: the freed bytes are taken first."""
+    vals = t.detach().clone()
+    st = t.untyped_storage()
+    nbytes = st.nbytes()
+    st.resize_(0)
+    taken = torch.empty(nbytes, dtype=torch.uint8)
+    st.resize_(nbytes)
+    t.detach().copy_(vals)
+    return taken
+
+
+@pytest.mark.parametrize("change", ["weight_transposed", "weight_reallocated", "v_replaced",
+                                    "grad_reallocated", "grad_transposed"])
+def test_changes_behind_the_plans_back_are_followed(change):
+    """Between steps the plan compares each tensor's layout and address with its snapshot
+    (csrc/step_plan.h): a change that keeps the address (p.data = p.data.t() of a square weight)
+    or keeps the layout (a storage reallocated) must give the op path's result, bit for bit."""
+    ws = [_leaf(torch.randn(6, 6)), _leaf(torch.randn(4, 6))]
+    for w in ws:
+        w.grad = torch.randn_like(w)
+    vs = se.init_vectors(ws)
+    ws2, vs2 = _twin(ws, vs)
+    plan = make_step_plan(ws, vs)
+    _assert_same(ws, vs, ws2, vs2, plan.step(LAM, 1), se.fused_step(ws2, vs2, lam=LAM))
+    held = []
+    for w, v in ((ws, vs), (ws2, vs2)):
+        if change == "weight_transposed":
+            w[0].data = w[0].data.t()                # same address and shape, strides swapped
+        elif change == "weight_reallocated":
+            held.append(_reallocate(w[0]))
+        elif change == "v_replaced":
+            v[1].data = v[1].data.clone()
+        elif change == "grad_reallocated":
+            held.append(_reallocate(w[1].grad))
+        elif change == "grad_transposed":
+            w[0].grad.data = w[0].grad.data.t().contiguous().t()
+    checks = plan.full_checks()
+    for _ in range(2):
+        _assert_same(ws, vs, ws2, vs2, plan.step(LAM, 1), se.fused_step(ws2, vs2, lam=LAM))
+    assert plan.full_checks() >= checks + (change != "grad_reallocated")
+
+
+def test_negated_tensors_behind_the_plans_back():
+    """A negated view (torch._neg_view) has the same layout as the tensor it negates but other
+    dispatch keys: a negated weight makes the plan decline (the op path's dispatcher resolves
+    it), a negated gradient is refused (the op path refuses it too), and nothing is changed."""
+    ws, vs = _small()
+    plan = make_step_plan(ws, vs)
+    plan.step(LAM, 1)
+    ws[0].grad = torch._neg_view(torch.randn_like(ws[0]))
+    snap = _snapshot(ws, vs)
+    with pytest.raises(ValueError, match=re.escape("grads[0] is a lazily negated view")):
+        plan.step(LAM, 1)
+    _unchanged(ws, vs, snap)
+    with pytest.raises(RuntimeError, match="negation"):
+        se.fused_step(ws, vs, lam=LAM)
+    _unchanged(ws, vs, snap)
+    ws[0].grad = torch.randn_like(ws[0])
+    ws[1].data = torch._neg_view(ws[1].data.neg())   # the same values, negated lazily
+    snap = _snapshot(ws, vs)
+    assert plan.step(LAM, 1) is None
+    _unchanged(ws, vs, snap)
+
+
+def test_sparse_grad_behind_the_plans_back_is_refused():
+    ws, vs = _small()
+    plan = make_step_plan(ws, vs)
+    plan.step(LAM, 1)
+    ws[1].grad = torch.randn_like(ws[1]).to_sparse()
+    sparse = ws[1].grad.to_dense()
+    ws[1].grad = None
+    snap = _snapshot(ws, vs)
+    ws[1].grad = sparse.to_sparse()
+    with pytest.raises(ValueError, match=re.escape("grads[1] has layout torch.sparse_coo")):
+        plan.step(LAM, 1)
+    assert torch.equal(ws[1].grad.to_dense(), sparse)
+    ws[1].grad = None
     _unchanged(ws, vs, snap)
 
 
