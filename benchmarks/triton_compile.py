@@ -10,6 +10,7 @@ tests/test_triton_compile.py runs it in a subprocess in `make test`.
 """
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -58,7 +59,8 @@ def variants():
                     dict(G_DTYPE=dt, UPDATE_GRAD=True, TRACK_UPDATES=False, BLOCK_R=BLOCK_R,
                          BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, FINALIZE=False, SCALE_PER_LAYER=True,
                          ACCUMULATE=False)))
-    return out
+    # every one again with ALIGNED=True (the host's 16-byte alignment facts: vector accesses)
+    return out + [(n, s, dict(c, ALIGNED=True)) for n, s, c in out]
 
 
 def _tl_dtype(name):
@@ -76,7 +78,12 @@ def compile_one(job):
     from spectral_ext.triton_kernels import fused_step as kernels
 
     fn = getattr(kernels, name)
-    consts = {k: (_tl_dtype(v) if k.endswith("DTYPE") else v) for k, v in constexprs.items()}
+    # every constexpr with a default value explicitly: ASTSource does not apply defaults (an
+    # omitted FINALIZE or ACCUMULATE compiled as falsy, i.e. another variant than the launch's)
+    defaults = {k: p.default for k, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    consts = {k: (_tl_dtype(v) if k.endswith("DTYPE") else v)
+              for k, v in {**defaults, **constexprs}.items()}
     sig = dict(signature)
     sig.update({k: "constexpr" for k in consts})
     report = dict(kernel=name, arch=f"sm_{arch}",

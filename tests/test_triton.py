@@ -49,6 +49,58 @@ def test_launches_do_not_grow_with_layers(monkeypatch, n_layers, n_iter):
     assert len(launches) == 3 * n_iter * 2      # two dtype groups
 
 
+def _aligned_by_hand(m):
+    """The ALIGNED facts of one matrix view, computed here from their definition."""
+    vec = 16 // m.element_size()
+    return m.data_ptr() % 16 == 0 and m.stride(0) % vec == 0 and m.shape[1] % vec == 0
+
+
+@pytest.mark.parametrize("case", ["aligned", "cols_not_multiple", "offset_view", "row_stride",
+                                  "bf16_aligned", "bf16_cols_4", "v_offset", "grad_offset"])
+def test_aligned_hints_are_set_exactly_where_they_hold(monkeypatch, case):
+    """The kernels are told ALIGNED (16-byte vector accesses, fused_step.py) only when every
+    layer's weight and gradient start 16-byte aligned with row strides and column counts that
+    are multiples of 16 bytes' worth of elements, and every v starts 16-byte aligned: a false
+    hint is undefined behaviour on a GPU.  The interpreter ignores hints, so this checks the
+    host's decision; the numerics of both kinds of layers are test_backends.py's."""
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    cols = {"cols_not_multiple": 130, "bf16_aligned": 72, "bf16_cols_4": 68}.get(case, 128)
+    buf = torch.randn(40 * (cols + 8) + 8, device=DEVICE).to(dtype)
+    if case == "offset_view":
+        w = buf[1:1 + 40 * cols].view(40, cols)               # 4 or 2 bytes past the start
+    elif case == "row_stride":
+        w = buf[:40 * (cols + 2)].view(40, cols + 2)[:, :cols]  # row stride cols + 2
+    else:
+        w = buf[:40 * cols].view(40, cols)
+    ws = [w, torch.randn(24, 64, device=DEVICE).to(dtype)]
+    gbuf = torch.randn(40 * cols + 8, device=DEVICE).to(dtype)
+    gs = [gbuf[(1 if case == "grad_offset" else 0):][:40 * cols].view(40, cols),
+          torch.randn(24, 64, device=DEVICE).to(dtype)]
+    vs = se.init_vectors(ws)
+    if case == "v_offset":
+        vbuf = torch.empty(cols + 1, device=DEVICE)
+        vbuf[1:].copy_(vs[0])
+        vs[0] = vbuf[1:]
+    expected = (all(_aligned_by_hand(m) for m in ws + gs)
+                and all(v.data_ptr() % 16 == 0 for v in vs))
+    assert expected == (case in ("aligned", "bf16_aligned"))
+    flags = []
+    for name in ("_rows_kernel", "_cols_kernel", "_finalize_kernel"):
+        kernel = getattr(tk, name)
+
+        class Recording:
+            def __getitem__(self, grid, kernel=kernel):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    flags.append(kwargs["ALIGNED"])
+                    return launch(*args, **kwargs)
+                return run
+        monkeypatch.setattr(tk, name, Recording())
+    se.fused_step(ws, vs, grads=gs, lam=0.5, backend="triton")
+    assert flags == [expected] * 3
+
+
 def test_layer_table_is_cached_while_tensors_stay():
     ws, vs, gs = _inputs([(5, 7), (3, 2, 2)])
     tk._PLANS.clear()

@@ -49,6 +49,23 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
     return [0, *accumulate(sizes)]
 
 
+def _aligned(ms: Sequence[torch.Tensor]) -> bool:
+    """Whether every matrix (rows x cols, unit column stride) starts 16-byte aligned and has a row
+    stride and a column count that are multiples of VEC = 16 bytes / element: what the kernels'
+    ALIGNED hints state (fused_step.py), so that their tiles are read and written 16 bytes at a
+    time.  With cols a multiple of VEC >= 4, every layer's offset into the v' workspace is a
+    multiple of 4 floats too."""
+    for m in ms:
+        vec = 16 // m.element_size()
+        if m.data_ptr() % 16 or m.stride(0) % vec or m.shape[1] % vec:
+            return False
+    return True
+
+
+def _all_16(*tensors: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
 class _Plan:
     """Everything of one dtype group that depends only on pointers, shapes and strides: the
     device tables and tile maps, built once and cached while they stay the same (a step then
@@ -89,6 +106,8 @@ class _Plan:
         self.zeros = i32([0] * len(Ws))
         self.layer_out = i64(out_index)
         self.n_row_tiles, self.n_col_tiles = len(rl), len(cl)
+        # the ALIGNED facts of the layers (a launch adds those of its workspace buffers)
+        self.aligned = _aligned(Ws) and _aligned(Gs) and _all_16(*Vs)
         self.pinned = False
         self.streams = set()
         if device.type == "cuda":
@@ -222,14 +241,16 @@ def _fused_step_forward(weights, vs, grads, lam, n_iter, device) -> torch.Tensor
         v_updated = torch.zeros(len(idx), dtype=torch.int32, device=device) if v_copies \
             else u_norm      # not read without TRACK_UPDATES
         wt, gt = SUPPORTED_DTYPES[wdt], SUPPORTED_DTYPES[gdt]
+        aligned = p.aligned and _all_16(v_prime)
         for it in range(n_iter):
             last = it == n_iter - 1
             _rows_kernel[(p.n_row_tiles,)](
                 p.row_layer, p.row_start, p.w_tab, p.v_tab, p.rows, p.cols, p.ldw, p.uoff,
-                u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+                u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC, ALIGNED=aligned)
             _cols_kernel[(p.n_col_tiles,)](
                 p.col_layer, p.col_start, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
-                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC,
+                ALIGNED=aligned)
             # the last iteration also updates the gradients, over every row tile; earlier ones
             # only finalize sigma and v, one program per layer
             tl_, ts_, n = ((p.row_layer, p.row_start, p.n_row_tiles) if last else
@@ -238,7 +259,7 @@ def _fused_step_forward(weights, vs, grads, lam, n_iter, device) -> torch.Tensor
                 tl_, ts_, p.v_tab, p.g_tab, p.rows, p.cols, p.ldg, p.uoff, p.voff, p.pstart,
                 p.pcount, p.layer_out, u_raw, v_prime, u_norm, partial, sigma, v_updated, lam,
                 u_raw, G_DTYPE=gt, UPDATE_GRAD=last, TRACK_UPDATES=bool(v_copies), BLOCK_R=BR,
-                BLOCK_C=BC, BLOCK_P=64)
+                BLOCK_C=BC, BLOCK_P=64, ALIGNED=aligned)
         for dst, src in write_back:
             dst.copy_(src.reshape(dst.shape))
         for j, v, vw in v_copies:
@@ -307,14 +328,17 @@ def _spectral_norms_forward(weights, vs, n_iter, device):
         v_updated = torch.zeros(len(idx), dtype=torch.int32, device=device) if v_copies \
             else u_norm      # not read without TRACK_UPDATES
         wt = SUPPORTED_DTYPES[wdt]
+        aligned = p.aligned and _all_16(v_prime, v_out)
         for it in range(n_iter):
             last = it == n_iter - 1
             _rows_kernel[(p.n_row_tiles,)](
                 p.row_layer, p.row_start, p.w_tab, p.v_tab if it == 0 else v_out_tab, p.rows,
-                p.cols, p.ldw, p.uoff, u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+                p.cols, p.ldw, p.uoff, u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC,
+                ALIGNED=aligned)
             _cols_kernel[(p.n_col_tiles,)](
                 p.col_layer, p.col_start, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
-                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC)
+                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC,
+                ALIGNED=aligned)
             # the last iteration also writes u, over every row tile
             tl_, ts_, n = ((p.row_layer, p.row_start, p.n_row_tiles) if last else
                            (p.first_layer, p.zeros, len(idx)))
@@ -322,7 +346,7 @@ def _spectral_norms_forward(weights, vs, n_iter, device):
                 tl_, ts_, v_out_tab, p.g_tab, p.rows, p.cols, p.ldg, p.uoff, p.voff, p.pstart,
                 p.pcount, p.layer_out, u_raw, v_prime, u_norm, partial, sigma, v_updated, 0.0,
                 u_out, G_DTYPE=wt, UPDATE_GRAD=False, TRACK_UPDATES=bool(v_copies),
-                BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64, WRITE_U=last)
+                BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64, WRITE_U=last, ALIGNED=aligned)
         # tensors of their own (a custom op's outputs may not alias each other): one
         # split_with_sizes_copy per buffer
         u_split = torch.split_with_sizes_copy(u_out, [w.shape[0] for w in Ws])
@@ -374,6 +398,6 @@ def spectral_norms_backward(grad_sigma: torch.Tensor, us: Sequence[torch.Tensor]
                 p.voff, p.pstart, p.pcount, p.layer_out, u_cat, v_cat, ones, ones, scale,
                 p.zeros, scale, u_cat, G_DTYPE=SUPPORTED_DTYPES[gdt], UPDATE_GRAD=True,
                 TRACK_UPDATES=False, BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64, FINALIZE=False,
-                SCALE_PER_LAYER=True, ACCUMULATE=bool(accumulate))
+                SCALE_PER_LAYER=True, ACCUMULATE=bool(accumulate), ALIGNED=p.aligned)
             for dst, src in write_back:
                 dst.copy_(src.reshape(dst.shape))

@@ -26,15 +26,21 @@ inverse, which overflows float32 when ||u_raw|| < 3e-39.  bf16/fp16 values are u
 before any arithmetic (the interpreter's bf16 arithmetic is not exact); bf16 from its bits
 (``_to_f32``: ``.to(tl.float32)`` turned bf16 subnormals into wrong values in the interpreter),
 and gradients are rounded to their dtype once.
+
+ALIGNED (a constexpr the host sets only after checking every layer of the launch: weight and
+gradient addresses 16-byte aligned, their row strides and the column count multiples of
+VEC = 16 bytes / element, every v 16-byte aligned; then every workspace offset of v' is a
+multiple of 4 floats) tells the compiler so through ``tl.multiple_of`` on those scalars: the
+tiles' masked loads and stores then become 16-byte vector accesses (``ld.global.v4.b32``,
+benchmarks/triton_compile.py counts them); without it every element is its own 4- or 2-byte
+access.  A hint that is not true would be undefined behaviour, hence the host check
+(``_Plan.aligned``).  The hints are written in the kernels' bodies: on the values a helper
+function returns they are lost (a hint marks the op that made the value, and a call is
+inlined away), so the layers' pointers are also made in the kernels' bodies.
 """
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _layer_ptr(table, layer, DTYPE: tl.constexpr):
-    return tl.load(table + layer).to(tl.pointer_type(DTYPE), bitcast=True)
 
 
 @triton.jit
@@ -79,15 +85,20 @@ def _load_tile(W, ldw, r, rmask, c, cmask, DTYPE: tl.constexpr):
 
 @triton.jit
 def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_tab, uoff_tab,
-                 u_raw, W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                 u_raw, W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                 ALIGNED: tl.constexpr = False):
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
     r0 = tl.load(tile_start + t)
     rows = tl.load(rows_tab + layer)
     cols = tl.load(cols_tab + layer)
     ldw = tl.load(ldw_tab + layer)
-    W = _layer_ptr(w_tab, layer, W_DTYPE)
-    v = _layer_ptr(v_tab, layer, tl.float32)
+    W = tl.load(w_tab + layer).to(tl.pointer_type(W_DTYPE), bitcast=True)
+    v = tl.load(v_tab + layer).to(tl.pointer_type(tl.float32), bitcast=True)
+    if ALIGNED:
+        VEC: tl.constexpr = 128 // W_DTYPE.primitive_bitwidth
+        W, ldw, cols = tl.multiple_of(W, 16), tl.multiple_of(ldw, VEC), tl.multiple_of(cols, VEC)
+        v = tl.multiple_of(v, 16)
     r = r0 + tl.arange(0, BLOCK_R)
     rmask = r < rows
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
@@ -103,15 +114,21 @@ def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_t
 @triton.jit
 def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
                  uoff_tab, voff_tab, u_raw, v_prime, u_norm, partial_v2,
-                 W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                 W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                 ALIGNED: tl.constexpr = False):
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
     c0 = tl.load(tile_start + t)
     rows = tl.load(rows_tab + layer)
+    u_off = tl.load(uoff_tab + layer)
+    v_off = tl.load(voff_tab + layer)
     cols = tl.load(cols_tab + layer)
     ldw = tl.load(ldw_tab + layer)
-    u_off = tl.load(uoff_tab + layer)
-    W = _layer_ptr(w_tab, layer, W_DTYPE)
+    W = tl.load(w_tab + layer).to(tl.pointer_type(W_DTYPE), bitcast=True)
+    if ALIGNED:   # (column tiles start at multiples of BLOCK_C)
+        VEC: tl.constexpr = 128 // W_DTYPE.primitive_bitwidth
+        W, ldw, cols = tl.multiple_of(W, 16), tl.multiple_of(ldw, VEC), tl.multiple_of(cols, VEC)
+        c0, v_off = tl.multiple_of(c0, BLOCK_C), tl.multiple_of(v_off, 4)
     # ||u_raw||^2 first (rows values, 1/BLOCK_C of the tile's W traffic), summed in float64 so
     # that tiny or huge entries neither underflow nor overflow; then v' = W^T (u_raw / ||u_raw||)
     # with the normalized u, which keeps the products in range
@@ -131,7 +148,7 @@ def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
         u = _div(tl.load(u_raw + u_off + r, mask=rmask, other=0.0), nrm)
         acc += _load_tile(W, ldw, r, rmask, c, cmask, W_DTYPE) * u[:, None]
     vp = tl.sum(acc, axis=0)
-    tl.store(v_prime + tl.load(voff_tab + layer) + c, vp, mask=cmask)
+    tl.store(v_prime + v_off + c, vp, mask=cmask)
     vp64 = vp.to(tl.float64)
     tl.store(partial_v2 + t, tl.sum(vp64 * vp64, axis=0))
     if c0 == 0:
@@ -146,7 +163,7 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
                      TRACK_UPDATES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_P: tl.constexpr, WRITE_U: tl.constexpr = False,
                      FINALIZE: tl.constexpr = True, SCALE_PER_LAYER: tl.constexpr = False,
-                     ACCUMULATE: tl.constexpr = True):
+                     ACCUMULATE: tl.constexpr = True, ALIGNED: tl.constexpr = False):
     # UPDATE_GRAD: grad (+)= s * u v'^T over the tile's rows, s = lam (a float), or
     # lam[layer_out[layer]] with SCALE_PER_LAYER (lam is then a float32 pointer);
     # ACCUMULATE=False overwrites grad without reading it.  WRITE_U: u into u_out at the layer's
@@ -157,6 +174,8 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
     rows = tl.load(rows_tab + layer)
     cols = tl.load(cols_tab + layer)
     v_off = tl.load(voff_tab + layer)
+    if ALIGNED:
+        v_off = tl.multiple_of(v_off, 4)
     if UPDATE_GRAD or WRITE_U:
         r = r0 + tl.arange(0, BLOCK_R)
         rmask = r < rows
@@ -165,8 +184,11 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
         if WRITE_U:
             tl.store(u_out + u_off + r, u, mask=rmask)
     if UPDATE_GRAD:
-        G = _layer_ptr(g_tab, layer, G_DTYPE)
+        G = tl.load(g_tab + layer).to(tl.pointer_type(G_DTYPE), bitcast=True)
         ldg = tl.load(ldg_tab + layer)
+        if ALIGNED:
+            VEC: tl.constexpr = 128 // G_DTYPE.primitive_bitwidth
+            G, ldg, cols = tl.multiple_of(G, 16), tl.multiple_of(ldg, VEC), tl.multiple_of(cols, VEC)
         if SCALE_PER_LAYER:
             u = u * tl.load(lam + tl.load(layer_out + layer))
         else:
@@ -196,7 +218,9 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
         # v = v' / sigma, unless sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
         # (sigma * 0 == 0 is false for Inf and NaN)
         if (sigma > 0.0) & (sigma * 0.0 == 0.0):
-            v = _layer_ptr(v_tab, layer, tl.float32)
+            v = tl.load(v_tab + layer).to(tl.pointer_type(tl.float32), bitcast=True)
+            if ALIGNED:
+                v = tl.multiple_of(v, 16)
             for c0 in range(0, cols, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
                 cmask = c < cols
