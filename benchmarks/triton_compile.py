@@ -26,10 +26,16 @@ NUM_WARPS, NUM_STAGES = 4, 3
 DTYPES = ("fp32", "fp16", "bf16")
 
 ROWS = dict(tile_layer="*i32", tile_start="*i32", w_tab="*i64", v_tab="*i64", rows_tab="*i64",
-            cols_tab="*i64", ldw_tab="*i64", uoff_tab="*i64", u_raw="*fp32")
-COLS = dict(tile_layer="*i32", tile_start="*i32", w_tab="*i64", rows_tab="*i64", cols_tab="*i64",
-            ldw_tab="*i64", uoff_tab="*i64", voff_tab="*i64", u_raw="*fp32", v_prime="*fp32",
-            u_norm="*fp64", partial_v2="*fp64")
+            cols_tab="*i64", ldw_tab="*i64", uoff_tab="*i64", u_raw="*fp32", u2_part="*fp64")
+COLS = dict(tile_layer="*i32", tile_start="*i32", tile_rstart="*i32", w_tab="*i64",
+            rows_tab="*i64", cols_tab="*i64", ldw_tab="*i64", uoff_tab="*i64", voff_tab="*i64",
+            uq_start_tab="*i64", uq_count_tab="*i64", pstart_tab="*i64", nchunk_tab="*i64",
+            chunk_base_tab="*i64", u_raw="*fp32", u2_part="*fp64", v_prime="*fp32",
+            vp_part="*fp32", u_norm="*fp64", partial_v2="*fp64")
+REDUCE = dict(tile_layer="*i32", tile_start="*i32", cols_tab="*i64", voff_tab="*i64",
+              pstart_tab="*i64", nchunk_tab="*i64", chunk_base_tab="*i64", vp_part="*fp32",
+              v_prime="*fp32", partial_v2="*fp64")
+CHUNK = 32 * BLOCK_R   # spectral_ext.triton_kernels.row_chunk() on a GPU
 FINALIZE = dict(tile_layer="*i32", tile_start="*i32", v_tab="*i64", g_tab="*i64",
                 rows_tab="*i64", cols_tab="*i64", ldg_tab="*i64", uoff_tab="*i64",
                 voff_tab="*i64", pstart_tab="*i64", pcount_tab="*i64", layer_out="*i64",
@@ -44,7 +50,8 @@ def variants():
     out = []
     for dt in DTYPES:
         out.append(("_rows_kernel", ROWS, dict(W_DTYPE=dt, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)))
-        out.append(("_cols_kernel", COLS, dict(W_DTYPE=dt, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)))
+        out.append(("_cols_kernel", COLS, dict(W_DTYPE=dt, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+                                               BLOCK_P=BLOCK_P, CHUNK=CHUNK)))
         for update, track in itertools.product((True, False), (True, False)):
             out.append(("_finalize_kernel", FINALIZE,
                         dict(G_DTYPE=dt, UPDATE_GRAD=update, TRACK_UPDATES=track,
@@ -60,7 +67,9 @@ def variants():
                          BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, FINALIZE=False, SCALE_PER_LAYER=True,
                          ACCUMULATE=False)))
     # every one again with ALIGNED=True (the host's 16-byte alignment facts: vector accesses)
-    return out + [(n, s, dict(c, ALIGNED=True)) for n, s, c in out]
+    out += [(n, s, dict(c, ALIGNED=True)) for n, s, c in out]
+    # the sum of a split layer's chunks of v' (float32 workspace, any weight dtype)
+    return out + [("_cols_reduce_kernel", REDUCE, dict(BLOCK_C=BLOCK_C))]
 
 
 def _tl_dtype(name):

@@ -140,7 +140,9 @@ def check_dense(name: str, i: int, t: torch.Tensor, written: bool) -> None:
     if t.layout != torch.strided:
         raise ValueError(f"{name}[{i}] has layout {t.layout}; the spectral_ext ops need dense "
                          "(torch.strided) tensors")
-    if written and t.is_neg():
+    # (Dynamo cannot trace is_neg(); a compiled step's op still meets the dispatcher, whose
+    # negation fallback refuses a negated tensor that is written)
+    if written and not torch.compiler.is_compiling() and t.is_neg():
         raise ValueError(f"{name}[{i}] is a lazily negated view (is_neg() is True) and is updated "
                          "in place: pass t.resolve_neg()")
 

@@ -32,9 +32,10 @@ def test_opcheck_fused_step_triton():
 @pytest.mark.parametrize("n_layers", [1, 7, 40])
 @pytest.mark.parametrize("n_iter", [1, 2])
 def test_launches_do_not_grow_with_layers(monkeypatch, n_layers, n_iter):
-    """3 launches per iteration and weight dtype, for 1 or 40 layers."""
+    """3 launches per iteration and weight dtype, for 1 or 40 layers (none taller than a chunk:
+    see test_tall_layers_split_their_column_phase)."""
     launches = []
-    for name in ("_rows_kernel", "_cols_kernel", "_finalize_kernel"):
+    for name in ("_rows_kernel", "_cols_kernel", "_cols_reduce_kernel", "_finalize_kernel"):
         kernel = getattr(tk, name)
 
         class Counting:
@@ -47,6 +48,54 @@ def test_launches_do_not_grow_with_layers(monkeypatch, n_layers, n_iter):
     ws16, vs16, gs16 = _inputs(shapes[:2], torch.bfloat16)
     se.fused_step(ws + ws16, vs + vs16, grads=gs + gs16, n_iter=n_iter, backend="triton")
     assert len(launches) == 3 * n_iter * 2      # two dtype groups
+
+
+@pytest.mark.parametrize("spectral_norms", [False, True])
+def test_tall_layers_split_their_column_phase(monkeypatch, spectral_norms):
+    """A layer of more than row_chunk() rows has its column phase split over chunks of rows
+    (_cols_kernel writes partial v', _cols_reduce_kernel sums them in chunk order): one more
+    launch per iteration, results against the reference (test_backends.py's tolerance for
+    float32), and bitwise the same on a second call (the fixed order)."""
+    chunk = tk.row_chunk()
+    counts = {}
+    for name in ("_rows_kernel", "_cols_kernel", "_cols_reduce_kernel", "_finalize_kernel"):
+        kernel = getattr(tk, name)
+
+        class Counting:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                counts[name] = counts.get(name, 0) + 1
+                return kernel[grid]
+        monkeypatch.setattr(tk, name, Counting())
+    shapes = [(chunk * 3 + 5, 70), (chunk, 40), (17, 9), (2 * chunk + 1, 1)]
+    ws = [torch.randn(s, device=DEVICE) for s in shapes]
+    vs0 = se.init_vectors(ws)
+    gs0 = [torch.randn_like(w) for w in ws]
+    outs = []
+    for _ in range(2):
+        vs = [v.clone() for v in vs0]
+        gs = [g.clone() for g in gs0]
+        if spectral_norms:
+            sigma = se.spectral_norms(ws, vs, 2, backend="triton")
+        else:
+            sigma = se.fused_step(ws, vs, grads=gs, lam=0.3, n_iter=2, backend="triton")
+        outs.append((sigma, vs, gs))
+    assert counts["_cols_reduce_kernel"] == 2 * 2       # two iterations, two calls
+    assert counts["_cols_kernel"] == counts["_rows_kernel"] == 4
+    (s1, v1, g1), (s2, v2, g2) = outs
+    assert torch.equal(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(v1 + g1, v2 + g2))
+    ref_vs = [v.clone() for v in vs0]
+    ref_gs = [g.clone() for g in gs0]
+    if spectral_norms:
+        ref, _, ref_vs = reference.spectral_norms(ws, ref_vs, 2)
+    else:
+        ref = reference.fused_step(ws, ref_vs, lam=0.3, n_iter=2, grads=ref_gs)
+    assert_rel_close(s1, ref, 2e-5, "sigma")
+    for i, (v, rv) in enumerate(zip(v1, ref_vs)):
+        assert_rel_close(v, rv, 2e-5, f"v {i}")
+    if not spectral_norms:
+        for i, (g, rg) in enumerate(zip(g1, ref_gs)):
+            assert_rel_close(g, rg, 2e-5, f"grad {i}")
 
 
 def _aligned_by_hand(m):

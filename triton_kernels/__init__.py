@@ -17,10 +17,10 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import triton.language as tl
 
-from .fused_step import _cols_kernel, _finalize_kernel, _rows_kernel
+from .fused_step import _cols_kernel, _cols_reduce_kernel, _finalize_kernel, _rows_kernel
 
 __all__ = ["fused_step_forward", "spectral_norms_forward", "spectral_norms_backward",
-           "SUPPORTED_DTYPES", "block_sizes", "clear_plans"]
+           "SUPPORTED_DTYPES", "block_sizes", "row_chunk", "clear_plans"]
 
 SUPPORTED_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
                     torch.bfloat16: tl.bfloat16}
@@ -32,6 +32,14 @@ def block_sizes() -> Tuple[int, int]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 64, 256
     return 32, 128
+
+
+def row_chunk() -> int:
+    """CHUNK: a layer with more rows has its column phase split over chunks of this many rows
+    (fused_step.py).  On a GPU 32 row blocks of 32 (a tile then streams 1024 x 128 elements);
+    under TRITON_INTERPRET=1 two row blocks, so that the tests' tall layers are split."""
+    BR, _ = block_sizes()
+    return 2 * BR if os.environ.get("TRITON_INTERPRET") == "1" else 32 * BR
 
 
 def _tiles(extents: Sequence[int], block: int) -> Tuple[List[int], List[int]]:
@@ -95,13 +103,36 @@ class _Plan:
         self.uoff, self.voff = i64(uoff[:-1]), i64(voff[:-1])
         self.n_u, self.n_v = uoff[-1], voff[-1]
         rl, rs = _tiles(rows, BR)
-        cl, cs = _tiles(cols, BC)
         self.row_layer, self.row_start = i32(rl), i32(rs)
-        self.col_layer, self.col_start = i32(cl), i32(cs)
-        # each layer's column tiles are consecutive: its partial sums of ||v'||^2 are the slots
-        # [pstart, pstart + pcount) of the column-tile grid
+        # each layer's row tiles are consecutive: its parts of ||u_raw||^2 are the slots
+        # [uq_start, uq_start + uq_count) of the row-tile grid
+        uq = [-(-r // BR) for r in rows]
+        self.uq_start, self.uq_count = i64(_offsets(uq)[:-1]), i64(uq)
+        # column tiles (layer, first column, first row of their chunk): a layer of more than
+        # `chunk` rows has each column block split over chunks of `chunk` rows, whose parts of
+        # v' (nchunk x cols floats per split layer, from chunk_base) _cols_reduce_kernel sums
+        self.chunk = CH = row_chunk()
+        nchunk = [1 if r <= CH else -(-r // CH) for r in rows]
+        cl, cs, crs = [], [], []
+        for i, (c, n) in enumerate(zip(cols, nchunk)):
+            for c0 in range(0, c, BC):
+                for k in range(n):
+                    cl.append(i)
+                    cs.append(c0)
+                    crs.append(k * CH)
+        self.col_layer, self.col_start, self.col_rstart = i32(cl), i32(cs), i32(crs)
+        self.nchunk = i64(nchunk)
+        base = _offsets([n * c if n > 1 else 0 for n, c in zip(nchunk, cols)])
+        self.chunk_base, self.n_vp_part = i64(base[:-1]), base[-1]
+        red = [(i, c0) for i, (c, n) in enumerate(zip(cols, nchunk)) if n > 1
+               for c0 in range(0, c, BC)]
+        self.red_layer, self.red_start = i32([i for i, _ in red]), i32([c0 for _, c0 in red])
+        self.n_red_tiles = len(red)
+        # a layer's parts of ||v'||^2 (one per column block) are the slots
+        # [pstart, pstart + pcount)
         pcount = [-(-c // BC) for c in cols]
         self.pstart, self.pcount = i64(_offsets(pcount)[:-1]), i64(pcount)
+        self.n_partials = sum(pcount)
         self.first_layer = i32(list(range(len(Ws))))
         self.zeros = i32([0] * len(Ws))
         self.layer_out = i64(out_index)
@@ -179,6 +210,29 @@ def _plan(Ws, Gs, Vs, out_index, device, copied=None) -> _Plan:
     return plan
 
 
+def _power_phases(p: _Plan, v_tab: torch.Tensor, u_raw, v_prime, u_norm, partial, wt,
+                  aligned: bool) -> None:
+    """Phases 1, 2 (and 2b when a layer is split) of one power iteration: u_raw, u_norm, v'
+    and the parts of ||v'||^2 from the vectors at v_tab."""
+    BR, BC = block_sizes()
+    device = u_raw.device
+    u2_part = torch.empty(p.n_row_tiles, dtype=torch.float64, device=device)
+    vp_part = (torch.empty(p.n_vp_part, dtype=torch.float32, device=device) if p.n_vp_part
+               else v_prime)    # not written when no layer is split
+    _rows_kernel[(p.n_row_tiles,)](
+        p.row_layer, p.row_start, p.w_tab, v_tab, p.rows, p.cols, p.ldw, p.uoff, u_raw, u2_part,
+        W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC, ALIGNED=aligned)
+    _cols_kernel[(p.n_col_tiles,)](
+        p.col_layer, p.col_start, p.col_rstart, p.w_tab, p.rows, p.cols, p.ldw, p.uoff, p.voff,
+        p.uq_start, p.uq_count, p.pstart, p.nchunk, p.chunk_base, u_raw, u2_part, v_prime,
+        vp_part, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC, BLOCK_P=64, CHUNK=p.chunk,
+        ALIGNED=aligned)
+    if p.n_red_tiles:
+        _cols_reduce_kernel[(p.n_red_tiles,)](
+            p.red_layer, p.red_start, p.cols, p.voff, p.pstart, p.nchunk, p.chunk_base, vp_part,
+            v_prime, partial, BLOCK_C=BC)
+
+
 def _as_2d(t: torch.Tensor, rows: int, cols: int):
     """(t as rows x cols with unit column stride, is_a_copy): a view when the layout allows,
     else a contiguous copy (to be written back when t is an output)."""
@@ -237,20 +291,14 @@ def _fused_step_forward(weights, vs, grads, lam, n_iter, device) -> torch.Tensor
         u_raw = torch.empty(p.n_u, dtype=torch.float32, device=device)
         v_prime = torch.empty(p.n_v, dtype=torch.float32, device=device)
         u_norm = torch.empty(len(idx), dtype=torch.float64, device=device)
-        partial = torch.empty(p.n_col_tiles, dtype=torch.float64, device=device)
+        partial = torch.empty(p.n_partials, dtype=torch.float64, device=device)
         v_updated = torch.zeros(len(idx), dtype=torch.int32, device=device) if v_copies \
             else u_norm      # not read without TRACK_UPDATES
         wt, gt = SUPPORTED_DTYPES[wdt], SUPPORTED_DTYPES[gdt]
         aligned = p.aligned and _all_16(v_prime)
         for it in range(n_iter):
             last = it == n_iter - 1
-            _rows_kernel[(p.n_row_tiles,)](
-                p.row_layer, p.row_start, p.w_tab, p.v_tab, p.rows, p.cols, p.ldw, p.uoff,
-                u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC, ALIGNED=aligned)
-            _cols_kernel[(p.n_col_tiles,)](
-                p.col_layer, p.col_start, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
-                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC,
-                ALIGNED=aligned)
+            _power_phases(p, p.v_tab, u_raw, v_prime, u_norm, partial, wt, aligned)
             # the last iteration also updates the gradients, over every row tile; earlier ones
             # only finalize sigma and v, one program per layer
             tl_, ts_, n = ((p.row_layer, p.row_start, p.n_row_tiles) if last else
@@ -321,7 +369,7 @@ def _spectral_norms_forward(weights, vs, n_iter, device):
         u_raw = torch.empty(p.n_u, dtype=torch.float32, device=device)
         v_prime = torch.empty(p.n_v, dtype=torch.float32, device=device)
         u_norm = torch.empty(len(idx), dtype=torch.float64, device=device)
-        partial = torch.empty(p.n_col_tiles, dtype=torch.float64, device=device)
+        partial = torch.empty(p.n_partials, dtype=torch.float64, device=device)
         u_out = torch.empty(p.n_u, dtype=torch.float32, device=device)
         v_out = torch.cat(Vs)                     # the current v of every layer
         v_out_tab = p.voff * 4 + v_out.data_ptr()  # each layer's slice of v_out (bytes)
@@ -331,14 +379,8 @@ def _spectral_norms_forward(weights, vs, n_iter, device):
         aligned = p.aligned and _all_16(v_prime, v_out)
         for it in range(n_iter):
             last = it == n_iter - 1
-            _rows_kernel[(p.n_row_tiles,)](
-                p.row_layer, p.row_start, p.w_tab, p.v_tab if it == 0 else v_out_tab, p.rows,
-                p.cols, p.ldw, p.uoff, u_raw, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC,
-                ALIGNED=aligned)
-            _cols_kernel[(p.n_col_tiles,)](
-                p.col_layer, p.col_start, p.w_tab, p.rows, p.cols, p.ldw, p.uoff,
-                p.voff, u_raw, v_prime, u_norm, partial, W_DTYPE=wt, BLOCK_R=BR, BLOCK_C=BC,
-                ALIGNED=aligned)
+            _power_phases(p, p.v_tab if it == 0 else v_out_tab, u_raw, v_prime, u_norm, partial,
+                          wt, aligned)
             # the last iteration also writes u, over every row tile
             tl_, ts_, n = ((p.row_layer, p.row_start, p.n_row_tiles) if last else
                            (p.first_layer, p.zeros, len(idx)))

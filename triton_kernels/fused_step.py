@@ -6,13 +6,23 @@ spirit of apex's multi_tensor_apply: one launch per phase covers every layer, so
 does not grow with the number of layers (it grows with the number of weight dtypes in the call).
 
 Phases of one power iteration (semantics: spectral_ext.reference):
-  1. ``_rows_kernel``      u_raw = W v                    tiles = (layer, block of rows)
-  2. ``_cols_kernel``      v' = W^T (u_raw / ||u_raw||)   tiles = (layer, block of columns);
-                           each tile sums ||u_raw||^2 itself (rows values: no cross-tile
-                           reduction is needed) and writes its part of ||v'||^2
+  1. ``_rows_kernel``      u_raw = W v, and each tile's part of ||u_raw||^2 (float64)
+                           tiles = (layer, block of rows)
+  2. ``_cols_kernel``      v' = W^T (u_raw / ||u_raw||)   tiles = (layer, block of columns,
+                           chunk of rows); each tile sums the layer's parts of ||u_raw||^2 in
+                           order.  A layer of at most CHUNK rows is one chunk: its tiles write
+                           v' and their part of ||v'||^2.  A taller layer's column blocks are
+                           split over chunks of CHUNK rows (without the split, a 128256 x 2048
+                           layer would be 16 programs, each streaming 128256 rows), whose
+                           partial v' go to a workspace, and
+  2b. ``_cols_reduce_kernel``  sums them in chunk order (a fixed order: the results are
+                           bitwise repeatable) into v' and the parts of ||v'||^2
+                           tiles = (split layer, block of columns); launched only when some
+                           layer of the group is split
   3. ``_finalize_kernel``  sigma = ||v'||, v = v' / sigma, and grad += lam * u v'^T
                            (= lam * sigma * u v^T, no W needed)     tiles = (layer, block of rows)
-n_iter = 1 is three launches; each further iteration adds three (its finalize updates v only).
+n_iter = 1 is three launches (four with a split layer); each further iteration adds as many
+(its finalize updates v only).
 
 spectral_norms (the differentiable op) runs the same three phases: its finalize writes v into an
 output buffer (through a table of output addresses instead of the caller's v) and, after the
@@ -85,8 +95,10 @@ def _load_tile(W, ldw, r, rmask, c, cmask, DTYPE: tl.constexpr):
 
 @triton.jit
 def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_tab, uoff_tab,
-                 u_raw, W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                 ALIGNED: tl.constexpr = False):
+                 u_raw, u2_part, W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr, ALIGNED: tl.constexpr = False):
+    # u2_part[t]: this tile's sum of u_raw^2, in float64 (a float32 square is exact there, and
+    # tiny or huge entries neither underflow nor overflow)
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
     r0 = tl.load(tile_start + t)
@@ -108,20 +120,26 @@ def _rows_kernel(tile_layer, tile_start, w_tab, v_tab, rows_tab, cols_tab, ldw_t
         x = tl.load(v + c, mask=cmask, other=0.0)
         acc += _load_tile(W, ldw, r, rmask, c, cmask, W_DTYPE) * x[None, :]
     u_off = tl.load(uoff_tab + layer)
-    tl.store(u_raw + u_off + r, tl.sum(acc, axis=1), mask=rmask)
+    u = tl.sum(acc, axis=1)     # 0 in the masked rows
+    tl.store(u_raw + u_off + r, u, mask=rmask)
+    u64 = u.to(tl.float64)
+    tl.store(u2_part + t, tl.sum(u64 * u64, axis=0))
 
 
 @triton.jit
-def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
-                 uoff_tab, voff_tab, u_raw, v_prime, u_norm, partial_v2,
+def _cols_kernel(tile_layer, tile_start, tile_rstart, w_tab, rows_tab, cols_tab, ldw_tab,
+                 uoff_tab, voff_tab, uq_start_tab, uq_count_tab, pstart_tab, nchunk_tab,
+                 chunk_base_tab, u_raw, u2_part, v_prime, vp_part, u_norm, partial_v2,
                  W_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                 ALIGNED: tl.constexpr = False):
+                 BLOCK_P: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr = False):
     t = tl.program_id(0)
     layer = tl.load(tile_layer + t)
     c0 = tl.load(tile_start + t)
+    rstart = tl.load(tile_rstart + t)
     rows = tl.load(rows_tab + layer)
     u_off = tl.load(uoff_tab + layer)
     v_off = tl.load(voff_tab + layer)
+    nchunk = tl.load(nchunk_tab + layer)
     cols = tl.load(cols_tab + layer)
     ldw = tl.load(ldw_tab + layer)
     W = tl.load(w_tab + layer).to(tl.pointer_type(W_DTYPE), bitcast=True)
@@ -129,30 +147,60 @@ def _cols_kernel(tile_layer, tile_start, w_tab, rows_tab, cols_tab, ldw_tab,
         VEC: tl.constexpr = 128 // W_DTYPE.primitive_bitwidth
         W, ldw, cols = tl.multiple_of(W, 16), tl.multiple_of(ldw, VEC), tl.multiple_of(cols, VEC)
         c0, v_off = tl.multiple_of(c0, BLOCK_C), tl.multiple_of(v_off, 4)
-    # ||u_raw||^2 first (rows values, 1/BLOCK_C of the tile's W traffic), summed in float64 so
-    # that tiny or huge entries neither underflow nor overflow; then v' = W^T (u_raw / ||u_raw||)
-    # with the normalized u, which keeps the products in range
-    u2 = tl.zeros((BLOCK_R,), dtype=tl.float64)
-    for r0 in range(0, rows, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(u_raw + u_off + r, mask=r < rows, other=0.0).to(tl.float64)
-        u2 += u * u
+    # ||u_raw|| from the row tiles' parts, summed in a fixed order (the same in every tile of
+    # the layer); then v' = W^T (u_raw / ||u_raw||) with the normalized u, which keeps the
+    # products in range
+    q0 = tl.load(uq_start_tab + layer)
+    qn = tl.load(uq_count_tab + layer)
+    u2 = tl.zeros((BLOCK_P,), dtype=tl.float64)
+    for j in range(0, qn, BLOCK_P):
+        jj = j + tl.arange(0, BLOCK_P)
+        u2 += tl.load(u2_part + q0 + jj, mask=jj < qn, other=0.0)
     # kept in float64: a zero matrix gives u = 0 (not NaN), a NaN norm propagates
     nrm = tl.sqrt(tl.sum(u2, axis=0))
     c = c0 + tl.arange(0, BLOCK_C)
     cmask = c < cols
+    r_end = rows
+    if nchunk > 1:
+        r_end = tl.minimum(rstart + CHUNK, rows)
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for r0 in range(0, rows, BLOCK_R):
+    for r0 in range(rstart, r_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < rows
+        rmask = r < r_end
         u = _div(tl.load(u_raw + u_off + r, mask=rmask, other=0.0), nrm)
         acc += _load_tile(W, ldw, r, rmask, c, cmask, W_DTYPE) * u[:, None]
     vp = tl.sum(acc, axis=0)
-    tl.store(v_prime + v_off + c, vp, mask=cmask)
-    vp64 = vp.to(tl.float64)
-    tl.store(partial_v2 + t, tl.sum(vp64 * vp64, axis=0))
-    if c0 == 0:
+    if nchunk == 1:
+        tl.store(v_prime + v_off + c, vp, mask=cmask)
+        vp64 = vp.to(tl.float64)
+        tl.store(partial_v2 + tl.load(pstart_tab + layer) + c0 // BLOCK_C,
+                 tl.sum(vp64 * vp64, axis=0))
+    else:   # this chunk's part of v', summed by _cols_reduce_kernel
+        part = tl.load(chunk_base_tab + layer) + (rstart // CHUNK) * cols
+        tl.store(vp_part + part + c, vp, mask=cmask)
+    if (c0 == 0) & (rstart == 0):
         tl.store(u_norm + layer, nrm)
+
+
+@triton.jit
+def _cols_reduce_kernel(tile_layer, tile_start, cols_tab, voff_tab, pstart_tab, nchunk_tab,
+                        chunk_base_tab, vp_part, v_prime, partial_v2, BLOCK_C: tl.constexpr):
+    # v' of a split layer's column block: its chunks' parts summed in chunk order, and its part
+    # of ||v'||^2 (as _cols_kernel writes them for a layer of one chunk)
+    t = tl.program_id(0)
+    layer = tl.load(tile_layer + t)
+    c0 = tl.load(tile_start + t)
+    cols = tl.load(cols_tab + layer)
+    n = tl.load(nchunk_tab + layer)
+    base = tl.load(chunk_base_tab + layer)
+    c = c0 + tl.arange(0, BLOCK_C)
+    cmask = c < cols
+    vp = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for k in range(0, n):
+        vp += tl.load(vp_part + base + k * cols + c, mask=cmask, other=0.0)
+    tl.store(v_prime + tl.load(voff_tab + layer) + c, vp, mask=cmask)
+    vp64 = vp.to(tl.float64)
+    tl.store(partial_v2 + tl.load(pstart_tab + layer) + c0 // BLOCK_C, tl.sum(vp64 * vp64, axis=0))
 
 
 @triton.jit
