@@ -87,7 +87,7 @@ done
 if want sanitize && room "300 repeats"; then
   stage "workload natively, and a many-tile step repeated 300 times"
   timeout "$(limit "${SANITIZE_TIMEOUT:-150}")" $PY -P benchmarks/sanitize_cuda.py --repeat 300 \
-    > "$OUT/repeat.txt" 2>&1
+    --modes phases,persistent > "$OUT/repeat.txt" 2>&1
   rc=$?; tail -12 "$OUT/repeat.txt"; echo "exit $rc"; [ "$rc" = 0 ] || status=1
 fi
 

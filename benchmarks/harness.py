@@ -23,7 +23,14 @@ def native_backends(device: torch.device) -> List[str]:
     """The available non-reference backends that run on this device."""
     avail = se.available_backends()
     by_device = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-    return [b for b in by_device.get(device.type, ()) if b in avail and avail[b].available]
+    out = [b for b in by_device.get(device.type, ()) if b in avail and avail[b].available]
+    if "cuda" in out:   # the cuda backend in one launch per step, beside it
+        out.insert(out.index("cuda") + 1, ONE_LAUNCH)
+    return out
+
+
+#: the "cuda" backend with spectral_ext.set_cuda_launch_mode("persistent"), as a column
+ONE_LAUNCH = "cuda-1launch"
 
 
 def make_weights(set_name: str, dtype: torch.dtype, device, seed: int = 0) -> List[torch.Tensor]:
@@ -66,10 +73,20 @@ def make_impls(weights: Sequence[torch.Tensor], names: Sequence[str], n_iter: in
             plan = GroupPlan(weights)
             impls[name] = lambda vs=vs, plan=plan: grouped_step(weights, vs, lam=lam,
                                                                 n_iter=n_iter, plan=plan)
+        elif name == ONE_LAUNCH:
+            impls[name] = lambda vs=vs: _one_launch(weights, vs, lam, n_iter)
         else:
             impls[name] = lambda vs=vs, b=name: se.fused_step(weights, vs, lam=lam,
                                                               n_iter=n_iter, backend=b)
     return impls
+
+
+def _one_launch(weights, vs, lam, n_iter):
+    se.set_cuda_launch_mode("persistent")
+    try:
+        return se.fused_step(weights, vs, lam=lam, n_iter=n_iter, backend="cuda")
+    finally:
+        se.set_cuda_launch_mode("phases")
 
 
 def copy_impl(nbytes: int, device) -> Callable[[], torch.Tensor]:

@@ -12,7 +12,7 @@ runs a many-tile step N times and requires every result to be bitwise the first 
 fixed order; a block that read another's partial sum too early would show up as a difference).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python benchmarks/sanitize_cuda.py
-    python benchmarks/sanitize_cuda.py --repeat 300
+    python benchmarks/sanitize_cuda.py --repeat 300 --modes phases,persistent
 (without the caching allocator every tensor is its own allocation, so memcheck sees overruns)
 """
 
@@ -140,13 +140,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=0,
                    help="also run a many-tile step this many times, bitwise equal each time")
+    p.add_argument("--modes", default="phases",
+                   help="CUDA launch modes to run it in (spectral_ext.set_cuda_launch_mode), "
+                        "comma-separated: phases,persistent")
     a = p.parse_args(argv)
     assert se.available_backends()["cuda"].available, se.available_backends()["cuda"].detail
-    problems = check_workload(cuda_step, "cuda")
-    if a.repeat:
-        problems += check_repeatable(cuda_step, "cuda", a.repeat)
-        print(f"{a.repeat} repeats of a many-tile step: "
-              f"{'bitwise identical' if not problems else 'DIFFERENT'}")
+    problems = []
+    try:
+        for mode in a.modes.split(","):
+            se.set_cuda_launch_mode(mode)
+            found = check_workload(cuda_step, "cuda")
+            if a.repeat:
+                found += check_repeatable(cuda_step, "cuda", a.repeat)
+                print(f"{mode}: {a.repeat} repeats of a many-tile step: "
+                      f"{'bitwise identical' if not found else 'DIFFERENT'}")
+            problems += [f"{mode}: {line}" for line in found]
+    finally:
+        se.set_cuda_launch_mode("phases")
     torch.cuda.synchronize()
     for line in problems:
         print("WRONG:", line)

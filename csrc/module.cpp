@@ -15,6 +15,8 @@ void runtime_info(int* runtime_version, int* driver_version, int* device_count);
 int64_t cached_plans();
 int64_t pinned_plans();
 void clear_plans();
+int launch_mode_index();
+void set_launch_mode_index(int mode);
 }  // namespace cuda
 #endif
 }  // namespace spectral_ext
@@ -70,6 +72,19 @@ static PyObject* cuda_clear_plans(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// cuda_launch_mode() -> 0 (kernel per pass) or 1 (one kernel per step); cuda_launch_mode(m) sets
+// it (spectral_ext.set_cuda_launch_mode checks m).  Always 0 without the CUDA kernels.
+static PyObject* cuda_launch_mode(PyObject*, PyObject* args) {
+  int mode = -1;
+  if (!PyArg_ParseTuple(args, "|i", &mode)) return nullptr;
+#ifdef SPECTRAL_EXT_WITH_CUDA
+  if (mode >= 0) spectral_ext::cuda::set_launch_mode_index(mode);
+  return PyLong_FromLong(spectral_ext::cuda::launch_mode_index());
+#else
+  return PyLong_FromLong(0);
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"openmp", openmp, METH_NOARGS, "whether the CPU kernels were compiled with OpenMP"},
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "whether the CUDA kernels were compiled in"},
@@ -81,6 +96,8 @@ static PyMethodDef methods[] = {
      "number of cached CUDA layer tables pinned by captured CUDA graphs"},
     {"cuda_clear_plans", cuda_clear_plans, METH_NOARGS,
      "drop the cached CUDA layer tables that no captured graph uses"},
+    {"cuda_launch_mode", cuda_launch_mode, METH_VARARGS,
+     "the CUDA launch mode (0: a kernel per pass, 1: one kernel per step); with an argument, set it"},
     {nullptr, nullptr, 0, nullptr}};
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -15,8 +15,9 @@ convolution as a linear map on its input (``conv_operator_norm``; the regularize
 from . import _ops  # noqa: F401  (defines the torch.library ops and loads the kernels)
 from . import conv, hessian, jacobian, reference, slope
 from .conv import conv_norm_report, conv_operator_norm
-from .functional import (BACKENDS, Backend, available_backends, fused_step, resolve_backend,
-                         spectral_norms, spectral_norms_with_vectors)
+from .functional import (BACKENDS, Backend, available_backends, cuda_launch_mode, fused_step,
+                         resolve_backend, set_cuda_launch_mode, spectral_norms,
+                         spectral_norms_with_vectors)
 from .reference import init_vectors
 from .regularizer import DEFAULT_MODULE_TYPES, SpectralNormRegularizer, collect_weights
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "fused_step", "spectral_norms", "spectral_norms_with_vectors", "available_backends",
     "resolve_backend", "Backend", "BACKENDS", "init_vectors", "reference",
+    "set_cuda_launch_mode", "cuda_launch_mode",
     "SpectralNormRegularizer", "DEFAULT_MODULE_TYPES", "collect_weights",
     "hessian", "jacobian", "slope", "conv", "conv_operator_norm", "conv_norm_report",
 ]

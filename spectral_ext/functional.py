@@ -231,6 +231,38 @@ def fused_step(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
         return _ops.fused_step(weights, vs, _checks.as_list("grads", grads), lam, n_iter)
 
 
+_LAUNCH_MODES = ("phases", "persistent")
+
+
+def set_cuda_launch_mode(mode: str) -> None:
+    """How the "cuda" backend runs a step, process-wide (``make gpu-check STAGES=bench`` times
+    both; the results are bitwise the same):
+
+    * ``"phases"`` (the default): a kernel per pass over the weights, ``2 * n_iter + 1`` per
+      weight dtype (3 for ``n_iter=1``); the mode measured on a GPU (README, "Performance").
+    * ``"persistent"``: one kernel per step, of as many blocks as fit on the GPU, taking the
+      tiles of every pass in order and waiting only on their own layer's previous pass, so there
+      is no launch between passes.  It saves two launches per step (for many small layers, where
+      launches dominate) and lets the passes of different layers overlap; it has **not run on a
+      GPU yet**, which is why it is not the default.
+
+    A CUDA graph replays the kernels of the mode in effect when it was captured."""
+    if mode not in _LAUNCH_MODES:
+        raise ValueError(f"the CUDA launch mode is one of {_LAUNCH_MODES}, got {mode!r}")
+    if _ops.CUDA_KERNELS_ERROR is not None:
+        raise RuntimeError(f"no CUDA kernels to set the launch mode of: {_ops.CUDA_KERNELS_ERROR}")
+    from . import _C
+    _C.cuda_launch_mode(_LAUNCH_MODES.index(mode))
+
+
+def cuda_launch_mode() -> str:
+    """The "cuda" backend's launch mode (see :func:`set_cuda_launch_mode`)."""
+    if _ops.CUDA_KERNELS_ERROR is not None:
+        return "phases"
+    from . import _C
+    return _LAUNCH_MODES[_C.cuda_launch_mode()]
+
+
 def make_step_plan(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], *,
                    backend: str = "auto"):
     """A persistent step plan for these weights and vectors, or None where there is none.

@@ -216,6 +216,66 @@ def test_bad_input_changes_nothing(case):
         assert torch.equal(a, b)
 
 
+@pytest.fixture
+def persistent_mode():
+    """The emulation's kernels in one launch per step (LaunchMode::kPersistent) for one test."""
+    ops = _emu()
+    ops.launch_mode("persistent")
+    try:
+        yield ops
+    finally:
+        ops.launch_mode("phases")
+
+
+@pytest.mark.parametrize("n_iter", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_one_launch_per_step_equals_the_phases_bitwise(persistent_mode, n_iter, dtype):
+    """LaunchMode::kPersistent (step_kernel: the tiles of every pass taken in ticket order, each
+    after its layer's previous pass) gives the bits of the kernel-per-pass launches, in one
+    launch, for fused_step and spectral_norms, in several block orders.  (The emulation runs the
+    blocks one after the other, so the first block takes every ticket and no wait ever blocks:
+    the interleaving of blocks needs a GPU, `make gpu-check`.)"""
+    ops = persistent_mode
+    shapes = [(300, 130), (37, 129), (1, 300), (300, 1), (16, 3, 3, 3), (2100, 3), (12, 2001)]
+    ws, vs0, gs0 = _inputs(shapes, dtype)
+    out = {}
+    for mode in ("phases", "persistent"):
+        ops.launch_mode(mode)
+        for seed in (0, 7):
+            ops.block_order(seed)
+            vs, gs = [v.clone() for v in vs0], [g.clone() for g in gs0]
+            before = ops.launches()
+            sigma = ops.fused_step(ws, vs, gs, 0.3, n_iter)
+            launches = ops.launches() - before
+            norms = ops.spectral_norms(ws, [v.clone() for v in vs0], n_iter)
+            out[mode, seed] = [sigma, *vs, *gs, norms[0], *norms[1], *norms[2]]
+        assert launches == (1 if mode == "persistent" else 2 * n_iter + 1)
+    ops.block_order(int(os.environ["SPECTRAL_EXT_EMU_ORDER_SEED"]))
+    first = out["phases", 0]
+    for key, got in out.items():
+        assert all(torch.equal(a, b) for a, b in zip(first, got)), key
+    # and against the reference, as every step of the phases is (test_backends.py)
+    sig_ref, v_ref, g_ref = _ref_step(ws, vs0, gs0, 0.3, n_iter)
+    if dtype == torch.float32:
+        assert_rel_close(out["persistent", 7][0], sig_ref, 2e-5)
+
+
+def test_launch_mode_is_checked_and_reported():
+    ops = _emu()
+    with pytest.raises(ValueError, match="'phases' or 'persistent', got 'fast'"):
+        ops.launch_mode("fast")
+    assert se.cuda_launch_mode() == "phases"
+    with pytest.raises(ValueError, match="one of"):
+        se.set_cuda_launch_mode("fast")
+    if functional._ops.CUDA_KERNELS_ERROR is None:
+        se.set_cuda_launch_mode("persistent")
+        try:
+            assert se.cuda_launch_mode() == "persistent"
+        finally:
+            se.set_cuda_launch_mode("phases")
+        assert se.cuda_launch_mode() == "phases"
+
+
 def _ref_step(ws, vs, gs, lam, n_iter):
     v, g = [x.clone() for x in vs], [x.clone() for x in gs]
     return reference.fused_step(ws, v, lam=lam, n_iter=n_iter, grads=g), v, g
@@ -452,6 +512,48 @@ def test_profiler_launches_per_step(n_layers):
     kernels = _count_kernels(lambda: se.fused_step(ws, vs, grads=gs, backend="cuda"))
     assert len(kernels) == 3, kernels
     assert all(re.search("rows_kernel|cols_kernel|grad_kernel", k) for k in kernels), kernels
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_layers", [1, 40, 512])
+def test_profiler_one_launch_per_step(n_layers):
+    """set_cuda_launch_mode("persistent"): one kernel per step (step_kernel), the phases' bits."""
+    ws, vs, gs = _inputs([(64, 64)] * n_layers, device="cuda")
+    vs2, gs2 = [v.clone() for v in vs], [g.clone() for g in gs]
+    s1 = se.fused_step(ws, vs, grads=gs, backend="cuda", n_iter=2)
+    se.set_cuda_launch_mode("persistent")
+    try:
+        s2 = se.fused_step(ws, vs2, grads=gs2, backend="cuda", n_iter=2)
+        kernels = _count_kernels(lambda: se.fused_step(ws, vs, grads=gs, backend="cuda"))
+    finally:
+        se.set_cuda_launch_mode("phases")
+    assert len(kernels) == 1 and "step_kernel" in kernels[0], kernels
+    assert torch.equal(s1, s2)
+    assert all(torch.equal(a, b) for a, b in zip(vs + gs, vs2 + gs2))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_one_launch_per_step_on_the_gpu_is_the_phases_bitwise(dtype):
+    """On a GPU the blocks of step_kernel really run at once and wait on each other: 20 steps
+    from the same inputs, every one bitwise the kernel-per-pass step (a tile that read another
+    layer's pass too early, or a stale value, would differ), fused_step and spectral_norms."""
+    ws, vs0, gs0 = _inputs([(300, 1100), (2100, 3), (1, 5000), (5000, 1), (33, 64, 3, 3),
+                            (64, 64), (4000, 512)], dtype, device="cuda")
+
+    def run():
+        vs, gs = [v.clone() for v in vs0], [g.clone() for g in gs0]
+        sigma = se.fused_step(ws, vs, grads=gs, lam=0.3, n_iter=2, backend="cuda")
+        norms = se.spectral_norms_with_vectors(ws, [v.clone() for v in vs0], 2, backend="cuda")
+        return [sigma, *vs, *gs, norms[0], *norms[1], *norms[2]]
+    want = run()
+    se.set_cuda_launch_mode("persistent")
+    try:
+        for _ in range(20):
+            got = run()
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+    finally:
+        se.set_cuda_launch_mode("phases")
 
 
 @needs_gpu

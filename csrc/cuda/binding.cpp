@@ -399,8 +399,11 @@ void launch_group(Plan* plan, DType dt, const at::Device& device, double lam, in
                 o_nrm = carve(plan->n_layers * 8), o_pv = carve(plan->n_pv * acc),
                 o_vp = carve(plan->n_v * acc), o_vc = carve(plan->n_v * acc),
                 o_pu2 = carve(plan->total_rb * ss), o_pv2 = carve(plan->total_cb * ss);
-  // zeroed by the launcher at the start of every step: the counters, then the flags
-  const int64_t n_counters = plan->total_rb + plan->total_cb + 2 * plan->n_layers;
+  // zeroed by the launcher at the start of every step: the counters (per row block, per column
+  // strip, two per layer; the ticket and two pass counts per layer of the one-launch mode), then
+  // the flags
+  const int64_t n_counters = plan->total_rb + plan->total_cb + 2 * plan->n_layers + 1 +
+                             2 * plan->n_layers;
   const int64_t o_zero = carve(n_counters * 4 + plan->n_layers * 4);
   at::Tensor ws = at::empty({at}, at::TensorOptions().dtype(at::kByte).device(device));
   uint8_t* w = ws.mutable_data_ptr<uint8_t>();
@@ -416,6 +419,9 @@ void launch_group(Plan* plan, DType dt, const at::Device& device, double lam, in
   a.cnt_cb = counters + plan->total_rb;
   a.cnt_layer_a = a.cnt_cb + plan->total_cb;
   a.cnt_layer_b = a.cnt_layer_a + plan->n_layers;
+  a.ticket = a.cnt_layer_b + plan->n_layers;
+  a.done_a = a.ticket + 1;
+  a.done_b = a.done_a + plan->n_layers;
   a.updated = reinterpret_cast<int32_t*>(counters + n_counters);
   a.zero_begin = w + o_zero;
   a.zero_bytes = (n_counters + plan->n_layers) * 4;
@@ -774,6 +780,18 @@ class CudaStepPlan : public torch::CustomClassHolder {
 
 }  // namespace
 
+// spectral_ext.set_cuda_launch_mode: "phases" (a kernel per pass) or "persistent" (one
+// kernel per step); see LaunchMode in fused_step_cuda.h.
+void set_mode(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "phases" || mode == "persistent", "the CUDA launch mode is "
+                    "'phases' or 'persistent', got '", mode, "'");
+  set_launch_mode(mode == "phases" ? LaunchMode::kPhases : LaunchMode::kPersistent);
+}
+int launch_mode_index() { return static_cast<int>(launch_mode()); }
+void set_launch_mode_index(int mode) {
+  set_launch_mode(mode == 1 ? LaunchMode::kPersistent : LaunchMode::kPhases);
+}
+
 // For tests and diagnostics (spectral_ext._C): the number of cached layer tables (and of those
 // pinned by captured graphs), and dropping the unpinned ones.
 int64_t cached_plans() { return plan_cache().size(); }
@@ -795,6 +813,7 @@ TORCH_LIBRARY(spectral_ext_emu, m) {
   m.def("clear_plans() -> ()", [] { cuda::clear_plans(); });
   m.def("launches() -> int", [] { return cuda::emulated_launches(); });
   m.def("skip_kernels(bool skip) -> ()", [](bool skip) { cuda::emulate_skip_kernels(skip); });
+  m.def("launch_mode(str mode) -> ()", [](const std::string& mode) { cuda::set_mode(mode); });
   m.def("block_order(int seed) -> ()",
         [](int64_t seed) { cuda::emulate_block_order(static_cast<uint64_t>(seed)); });
   m.def("last_order_hash() -> int",

@@ -46,6 +46,9 @@
 #include <cuda_runtime.h>
 #endif
 
+#include <algorithm>
+#include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -239,6 +242,33 @@ __device__ __forceinline__ bool arrive_last(unsigned int* counter, unsigned int 
   return last;
 }
 
+// The end of a layer's pass, in its last block: every thread's results are visible device-wide
+// before the layer's pass count moves (step_kernel's tiles of the next pass wait on it).
+__device__ __forceinline__ void publish(unsigned int* done) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(done, 1u);
+}
+
+// Until *done >= need (step_kernel): thread 0 polls, then orders the block's reads after it.
+// In the emulation blocks run one after the other, so a wait that is not already satisfied
+// would never end: it is reported as a launch failure instead.  False: give up the kernel.
+__device__ __forceinline__ bool wait_for(unsigned int* done, unsigned int need) {
+#ifdef SPECTRAL_EXT_EMULATE
+  if (*done < need) {
+    emu::g_error = cudaErrorLaunchFailure;
+    return false;
+  }
+#else
+  if (threadIdx.x == 0) {
+    while (atomicAdd(done, 0u) < need) __nanosleep(32);
+    __threadfence();
+  }
+#endif
+  __syncthreads();
+  return true;
+}
+
 // The "last block" sums: out[i] = sum over k < n of P[k * ld + i] for every i < m (n partial sums
 // of m values each, written by other blocks: read through L2), by the whole block in a fixed
 // order, and ss += the squares of the out[i].  TX threads along i (consecutive i: coalesced), TY = kThreads / TX along k,
@@ -302,8 +332,8 @@ struct TileSpan {
   int cn;
 };
 
-__device__ __forceinline__ TileSpan tile_span(const StepArgs& a, bool reverse) {
-  const int t = reverse ? a.n_tiles - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+__device__ __forceinline__ TileSpan tile_span(const StepArgs& a, bool reverse, int block) {
+  const int t = reverse ? a.n_tiles - 1 - block : block;
   const Tile tile = a.tiles[t];
   const LayerDesc* L = a.layers + tile.layer;
   const int64_t r0 = static_cast<int64_t>(tile.rb) * L->rb_size;
@@ -384,8 +414,9 @@ __device__ __forceinline__ void rows_tile(const LayerDesc& L, int64_t r0, int rn
   }
 }
 
+// One tile of phase 1: the tile of position `block` in this pass's visiting order.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse) {
+__device__ __forceinline__ void rows_phase(const StepArgs& a, bool reverse, int block) {
   using acc_t = typename Acc<T>::type;
   constexpr int VEC = kVec<T>;
   __shared__ acc_t v_s[kMaxStripGroups * VEC];
@@ -393,7 +424,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse
   __shared__ SquareSum red[kThreads / 32];
   __shared__ bool flag;
 
-  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse);
+  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse, block);
   const LayerDesc& L = *layer;
 
   // v: the caller's, or the one an earlier iteration of this call left in the workspace (in the
@@ -428,6 +459,12 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse
   for (int b = threadIdx.x; b < L.n_rb; b += kThreads) s.add(load_cg(a.pu2 + L.rb_base + b));
   s = block_sum(s, red);
   if (threadIdx.x == 0) a.unrm[tile.layer] = s.norm();
+  publish(a.done_a + tile.layer);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rows_kernel(StepArgs a, bool reverse) {
+  rows_phase<T>(a, reverse, static_cast<int>(blockIdx.x));
 }
 
 // ---- phase 2: v' = W^T u ---------------------------------------------------------------------
@@ -476,7 +513,7 @@ __device__ __forceinline__ void cols_tile(const LayerDesc& L, int64_t r0, int rn
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse, bool last) {
+__device__ __forceinline__ void cols_phase(const StepArgs& a, bool reverse, int block, bool last) {
   using acc_t = typename Acc<T>::type;
   constexpr int VEC = kVec<T>;
   __shared__ acc_t u_s[kMaxTileRows];
@@ -484,7 +521,7 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
   __shared__ SquareSum red[kThreads / 32];
   __shared__ bool flag;
 
-  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse);
+  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, reverse, block);
   const LayerDesc& L = *layer;
 
   const double nrm = a.unrm[tile.layer];
@@ -560,6 +597,12 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse
   } else if (last && norms) {
     for (int64_t c = threadIdx.x; c < L.cols; c += kThreads) copy_v_out(a, L, c);
   }
+  publish(a.done_b + tile.layer);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cols_kernel(StepArgs a, bool reverse, bool last) {
+  cols_phase<T>(a, reverse, static_cast<int>(blockIdx.x), last);
 }
 
 // ---- phase 3: grad += lam * u v'^T -----------------------------------------------------------
@@ -597,13 +640,13 @@ __device__ __forceinline__ void grad_tile(const LayerDesc& L, int64_t r0, int rn
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
+__device__ __forceinline__ void grad_phase(const StepArgs& a, int block) {
   using acc_t = typename Acc<T>::type;
   constexpr int VEC = kVec<T>;
   __shared__ acc_t a_s[kMaxTileRows];
   __shared__ acc_t vp_s[kMaxStripGroups * VEC];
 
-  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, false);
+  const auto [tile, layer, r0, rn, c0, cn] = tile_span(a, false, block);
   const LayerDesc& L = *layer;
 
   if (a.grad_scale != nullptr) {
@@ -633,6 +676,52 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
   }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
+  grad_phase<T>(a, static_cast<int>(blockIdx.x));
+}
+
+// ---- one launch per step (LaunchMode::kPersistent) ---------------------------------------------
+//
+// The same tiles and phases in one kernel of as many blocks as fit on the GPU at once.  Each
+// block takes tickets from a counter: ticket k is tile k % n_tiles of pass k / n_tiles, the
+// passes in launch order (rows, columns per iteration, then the gradient), each visited in its
+// launch's direction.  A tile first waits until its layer finished the pass before (done_a:
+// row passes complete, done_b: column passes complete, counted by the layer's last block of
+// each pass after its results are written).  Tickets are taken in increasing order, and a tile
+// waits only on tiles of an earlier pass, i.e. lower tickets, all taken by blocks already
+// running: the lowest unfinished ticket never waits, so the schedule cannot deadlock, whether
+// or not every block of the grid is resident.  The sums are the phases' own (fixed order):
+// results are bitwise those of the kernel-per-phase launches.  Data another block wrote during
+// the kernel is read after an acquire (wait_for) through coherent loads; only W, never written,
+// goes through the read-only path.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) step_kernel(StepArgs a, int n_iter, bool grad) {
+  __shared__ unsigned int ticket_s;
+  const unsigned int per = static_cast<unsigned int>(a.n_tiles);
+  const unsigned int total = per * (2u * static_cast<unsigned int>(n_iter) + (grad ? 1u : 0u));
+  for (;;) {
+    if (threadIdx.x == 0) ticket_s = atomicAdd(a.ticket, 1u);
+    __syncthreads();
+    const unsigned int k = ticket_s;
+    __syncthreads();  // read by every thread before thread 0 takes the next one
+    if (k >= total) return;
+    const unsigned int pass = k / per;
+    const int i = static_cast<int>(k % per);
+    const unsigned int it = pass / 2;
+    if (pass == 2u * static_cast<unsigned int>(n_iter)) {  // after the last column pass
+      if (!wait_for(a.done_b + a.tiles[i].layer, static_cast<unsigned int>(n_iter))) return;
+      grad_phase<T>(a, i);
+    } else if (pass % 2 == 0) {  // rows of iteration it (forward): after the column pass before
+      if (it > 0 && !wait_for(a.done_b + a.tiles[i].layer, it)) return;
+      rows_phase<T>(a, false, i);
+    } else {                      // columns of iteration it (backward): after its row pass
+      if (!wait_for(a.done_a + a.tiles[per - 1 - i].layer, it + 1)) return;
+      cols_phase<T>(a, true, i, it + 1 == static_cast<unsigned int>(n_iter));
+    }
+  }
+}
+
 #ifdef SPECTRAL_EXT_EMULATE
 cudaError_t zero_async(void* p, int64_t bytes, cudaStream_t) {
   if (emu::g_device != emu::g_tensor_device) return cudaErrorInvalidResourceHandle;
@@ -645,11 +734,47 @@ cudaError_t zero_async(void* p, int64_t bytes, cudaStream_t stream) {
 }
 #endif
 
+std::atomic<int> g_launch_mode{static_cast<int>(LaunchMode::kPhases)};
+
+// step_kernel's grid: the blocks that fit on the current device at once (its SM count times
+// the kernel's occupancy, asked once per device and dtype), at most one per ticket.  The
+// emulation runs blocks one after the other: a few, of which the first takes every ticket.
+template <typename T>
+unsigned int persistent_grid(int64_t tickets) {
+#ifdef SPECTRAL_EXT_EMULATE
+  return static_cast<unsigned int>(std::min<int64_t>(tickets, 3));
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> fit[kMaxDevices];   // 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
+  int n = fit[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_kernel<T>, kThreads, 0) !=
+            cudaSuccess) {
+      return 0;
+    }
+    n = std::max(1, sms * per_sm);
+    fit[device].store(n, std::memory_order_relaxed);
+  }
+  return static_cast<unsigned int>(std::min<int64_t>(tickets, n));
+#endif
+}
+
 // grad: the gradient kernel after the iterations (fused_step), or not (spectral_norms)
 template <typename T>
 cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream, bool grad) {
   const unsigned int grid = static_cast<unsigned int>(a.n_tiles);
   if (cudaError_t e = zero_async(a.zero_begin, a.zero_bytes, stream); e != cudaSuccess) return e;
+  const int64_t tickets = int64_t{a.n_tiles} * (2 * int64_t{n_iter} + (grad ? 1 : 0));
+  if (launch_mode() == LaunchMode::kPersistent && tickets < int64_t{UINT_MAX}) {
+    const unsigned int blocks = persistent_grid<T>(tickets);
+    if (blocks == 0) return cudaErrorInvalidDevice;
+    SPECTRAL_EXT_LAUNCH(step_kernel<T>, blocks, stream, a, n_iter, grad);
+    return cudaGetLastError();
+  }
   bool reverse = false;  // alternate the direction of consecutive passes over W (L2 reuse)
   for (int it = 0; it < n_iter; ++it) {
     SPECTRAL_EXT_LAUNCH(rows_kernel<T>, grid, stream, a, reverse);
@@ -672,6 +797,13 @@ cudaError_t launch_grad(const StepArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void set_launch_mode(LaunchMode mode) {
+  g_launch_mode.store(static_cast<int>(mode), std::memory_order_relaxed);
+}
+LaunchMode launch_mode() {
+  return static_cast<LaunchMode>(g_launch_mode.load(std::memory_order_relaxed));
+}
 
 cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream) {
   switch (args.dtype) {

@@ -79,6 +79,12 @@ struct StepArgs {
   unsigned int* cnt_cb;
   unsigned int* cnt_layer_a;
   unsigned int* cnt_layer_b;
+  // one launch per step (LaunchMode::kPersistent, step_kernel): the ticket counter, and per
+  // layer how many of its row passes (done_a) and column passes (done_b) are complete; counted
+  // in both modes (one atomic per layer and pass), read only by step_kernel
+  unsigned int* ticket;
+  unsigned int* done_a;
+  unsigned int* done_b;
   int32_t* updated;
   void* zero_begin;          // [zero_begin, zero_begin + zero_bytes): counters and flags
   int64_t zero_bytes;
@@ -109,8 +115,19 @@ struct StepArgs {
   int32_t accumulate = 1;    // 0: G is overwritten (never read)
 };
 
+// How the launchers below run a step.  kPhases: a kernel per pass (rows and columns per
+// iteration, then the gradient): 2 * n_iter + 1 kernels.  kPersistent: one kernel (step_kernel
+// in fused_step.cu) of as many blocks as fit on the GPU, whose tiles wait on their layer's
+// previous pass; the same sums, bitwise the same results.  kPhases is the default: the one
+// measured on a GPU (see README, "Performance"); `make gpu-check STAGES=bench` times both.
+// Process-wide (set by spectral_ext.set_cuda_launch_mode).
+enum class LaunchMode : int { kPhases = 0, kPersistent = 1 };
+void set_launch_mode(LaunchMode mode);
+LaunchMode launch_mode();
+
 // Zeroes the counters and flags, then launches n_iter x (rows, columns) and one gradient kernel
-// on `stream`: a memset and 2 * n_iter + 1 kernels.  The caller has made the tensors' device
+// on `stream`: a memset and 2 * n_iter + 1 kernels (kPhases), or a memset and one kernel
+// (kPersistent).  The caller has made the tensors' device
 // current in this library's runtime (DeviceScope in binding.cpp).  Returns the first error (no
 // synchronisation).
 cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream);
