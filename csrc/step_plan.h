@@ -74,7 +74,7 @@ class PlanTensors {
       // the weight's AutogradMeta, read directly: TensorImpl::requires_grad() and grad() are
       // two out-of-line and two virtual calls each, for the same two fields
       const auto* am = autograd_meta(i);
-      if (am == nullptr || !(am->requires_grad_ || am->grad_fn_)) return Change::kDeclined;
+      if (am == nullptr || !requires_grad(am)) return Change::kDeclined;
       if (!same) continue;
       const LayerMeta& m = meta_[i];
       const void* g_at = nullptr;
@@ -159,6 +159,12 @@ class PlanTensors {
   const torch::autograd::AutogradMeta* autograd_meta(size_t i) const {
     return static_cast<const torch::autograd::AutogradMeta*>(
         weights_[i].unsafeGetTensorImpl()->autograd_meta());
+  }
+  // TensorImpl::requires_grad(), with its fields read directly; a view's (the virtual
+  // DifferentiableViewMeta::requires_grad: a leaf view of a base that requires grad, made under
+  // no_grad, requires grad too) through the call
+  static bool requires_grad(const torch::autograd::AutogradMeta* am) {
+    return am->requires_grad_ || am->grad_fn_ || (am->is_view_ && am->requires_grad());
   }
   static const c10::TensorImpl* grad_of(const torch::autograd::AutogradMeta* am) {
     return am->grad_.defined() ? am->grad_.unsafeGetTensorImpl() : nullptr;

@@ -286,6 +286,23 @@ def test_changes_behind_the_plans_back_are_followed(change):
     assert plan.full_checks() >= checks + (change != "grad_reallocated")
 
 
+def test_a_leaf_view_that_requires_grad_through_its_base_is_stepped():
+    """A view made under no_grad of a tensor that requires grad is a leaf that requires grad
+    (DifferentiableViewMeta): the plan steps it like the op path, it does not decline it."""
+    base = torch.randn(8, 6, requires_grad=True)
+    with torch.no_grad():
+        w = base[:4]
+    assert w.requires_grad and w.is_leaf
+    w.grad = torch.randn(4, 6)
+    ws = [w, _leaf(torch.randn(3, 5))]
+    ws[1].grad = torch.randn(3, 5)
+    vs = se.init_vectors(ws)
+    ws2, vs2 = _twin(ws, vs)
+    sig = make_step_plan(ws, vs).step(LAM, 1)
+    assert sig is not None
+    _assert_same(ws, vs, ws2, vs2, sig, se.fused_step(ws2, vs2, lam=LAM))
+
+
 def test_negated_tensors_behind_the_plans_back():
     """A negated view (torch._neg_view) has the same layout as the tensor it negates but other
     dispatch keys: a negated weight makes the plan decline (the op path's dispatcher resolves

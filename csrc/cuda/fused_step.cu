@@ -261,7 +261,8 @@ __device__ __forceinline__ bool wait_for(unsigned int* done, unsigned int need) 
   }
 #else
   if (threadIdx.x == 0) {
-    while (atomicAdd(done, 0u) < need) __nanosleep(32);
+    // a volatile load reads L2 (no read-modify-write on counters that neighbour each other)
+    while (*static_cast<volatile unsigned int*>(done) < need) __nanosleep(32);
     __threadfence();
   }
 #endif
@@ -685,8 +686,10 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
 //
 // The same tiles and phases in one kernel of as many blocks as fit on the GPU at once.  Each
 // block takes tickets from a counter: ticket k is tile k % n_tiles of pass k / n_tiles, the
-// passes in launch order (rows, columns per iteration, then the gradient), each visited in its
-// launch's direction.  A tile first waits until its layer finished the pass before (done_a:
+// passes in launch order (rows, columns per iteration, then the gradient), every pass visited
+// forward (largest layers first: the first column tiles are those of the layers whose row tiles
+// were handed out first, so they wait least; the phases' backward second pass, for L2 reuse,
+// would start on the layers that were handed out last).  A tile first waits until its layer finished the pass before (done_a:
 // row passes complete, done_b: column passes complete, counted by the layer's last block of
 // each pass after its results are written).  Tickets are taken in increasing order, and a tile
 // waits only on tiles of an earlier pass, i.e. lower tickets, all taken by blocks already
@@ -715,9 +718,9 @@ __global__ void __launch_bounds__(kThreads) step_kernel(StepArgs a, int n_iter, 
     } else if (pass % 2 == 0) {  // rows of iteration it (forward): after the column pass before
       if (it > 0 && !wait_for(a.done_b + a.tiles[i].layer, it)) return;
       rows_phase<T>(a, false, i);
-    } else {                      // columns of iteration it (backward): after its row pass
-      if (!wait_for(a.done_a + a.tiles[per - 1 - i].layer, it + 1)) return;
-      cols_phase<T>(a, true, i, it + 1 == static_cast<unsigned int>(n_iter));
+    } else {                      // columns of iteration it: after its row pass
+      if (!wait_for(a.done_a + a.tiles[i].layer, it + 1)) return;
+      cols_phase<T>(a, false, i, it + 1 == static_cast<unsigned int>(n_iter));
     }
   }
 }
@@ -769,11 +772,15 @@ cudaError_t launch_all(const StepArgs& a, int n_iter, cudaStream_t stream, bool 
   const unsigned int grid = static_cast<unsigned int>(a.n_tiles);
   if (cudaError_t e = zero_async(a.zero_begin, a.zero_bytes, stream); e != cudaSuccess) return e;
   const int64_t tickets = int64_t{a.n_tiles} * (2 * int64_t{n_iter} + (grad ? 1 : 0));
-  if (launch_mode() == LaunchMode::kPersistent && tickets < int64_t{UINT_MAX}) {
+  if (launch_mode() == LaunchMode::kPersistent) {
     const unsigned int blocks = persistent_grid<T>(tickets);
     if (blocks == 0) return cudaErrorInvalidDevice;
-    SPECTRAL_EXT_LAUNCH(step_kernel<T>, blocks, stream, a, n_iter, grad);
-    return cudaGetLastError();
+    // every block takes one ticket past the last: the 32-bit counter must not wrap (else late
+    // blocks would take tickets of the first pass again); beyond that, the phases
+    if (tickets + blocks <= int64_t{UINT_MAX}) {
+      SPECTRAL_EXT_LAUNCH(step_kernel<T>, blocks, stream, a, n_iter, grad);
+      return cudaGetLastError();
+    }
   }
   bool reverse = false;  // alternate the direction of consecutive passes over W (L2 reuse)
   for (int it = 0; it < n_iter; ++it) {
