@@ -698,30 +698,102 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(StepArgs a) {
 // results are bitwise those of the kernel-per-phase launches.  Data another block wrote during
 // the kernel is read after an acquire (wait_for) through coherent loads; only W, never written,
 // goes through the read-only path.
+// What ticket k waits for: its layer's count of completed row passes (done_a) or column passes
+// (done_b) reaching `need` (need 0: nothing).
+struct Need {
+  unsigned int* done;
+  unsigned int need;
+};
+
+__device__ __forceinline__ Need ticket_need(const StepArgs& a, unsigned int k, int n_iter) {
+  const unsigned int per = static_cast<unsigned int>(a.n_tiles);
+  const unsigned int pass = k / per, it = pass / 2;
+  const int layer = a.tiles[k % per].layer;
+  if (pass == 2u * static_cast<unsigned int>(n_iter)) {  // the gradient: after the last column pass
+    return Need{a.done_b + layer, static_cast<unsigned int>(n_iter)};
+  }
+  if (pass % 2 == 0) return Need{a.done_b + layer, it};  // rows: after the column pass before
+  return Need{a.done_a + layer, it + 1};                  // columns: after their row pass
+}
+
+template <typename T>
+__device__ __forceinline__ void run_ticket(const StepArgs& a, unsigned int k, int n_iter) {
+  const unsigned int per = static_cast<unsigned int>(a.n_tiles);
+  const unsigned int pass = k / per;
+  const int i = static_cast<int>(k % per);
+  if (pass == 2u * static_cast<unsigned int>(n_iter)) {
+    grad_phase<T>(a, i);
+  } else if (pass % 2 == 0) {
+    rows_phase<T>(a, false, i);
+  } else {
+    cols_phase<T>(a, false, i, pass / 2 + 1 == static_cast<unsigned int>(n_iter));
+  }
+}
+
+#ifdef SPECTRAL_EXT_EMULATE
+// The emulation runs blocks one after the other, so the tickets would run in counter order and
+// no wait could ever matter.  With a block-order seed the first block instead runs every ticket
+// in a random order among those whose wait is satisfied: any interleaving of tiles across
+// passes and layers that the waits allow on a GPU.  A tile that depends on something the waits
+// do not cover then changes the results (the tests compare them with the phases' bits).
+template <typename T>
+void emulated_schedule(const StepArgs& a, int n_iter, unsigned int total) {
+  __shared__ unsigned int pick_s;
+  static std::vector<char> taken;
+  static uint64_t rng = 0;
+  if (threadIdx.x == 0) {
+    pick_s = atomicAdd(a.ticket, total);   // 0 in the first block, which claims every ticket
+    taken.assign(total, 0);
+    rng = emu::g_order_seed ^ (static_cast<uint64_t>(emu::g_launches) * 0x9E3779B97F4A7C15ull);
+  }
+  __syncthreads();
+  if (pick_s != 0) return;
+  __syncthreads();
+  for (unsigned int n = 0; n < total; ++n) {
+    if (threadIdx.x == 0) {
+      std::vector<unsigned int> ready;
+      for (unsigned int k = 0; k < total; ++k) {
+        if (taken[k]) continue;
+        const Need w = ticket_need(a, k, n_iter);
+        if (*w.done >= w.need) ready.push_back(k);
+      }
+      if (ready.empty()) {   // a wait no ticket can satisfy: a deadlock on a GPU
+        emu::g_error = cudaErrorLaunchFailure;
+        pick_s = UINT_MAX;
+      } else {
+        pick_s = ready[emu::splitmix64(rng) % ready.size()];
+        taken[pick_s] = 1;
+      }
+    }
+    __syncthreads();
+    const unsigned int k = pick_s;
+    __syncthreads();
+    if (k == UINT_MAX) return;
+    run_ticket<T>(a, k, n_iter);
+  }
+}
+#endif
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) step_kernel(StepArgs a, int n_iter, bool grad) {
   __shared__ unsigned int ticket_s;
   const unsigned int per = static_cast<unsigned int>(a.n_tiles);
   const unsigned int total = per * (2u * static_cast<unsigned int>(n_iter) + (grad ? 1u : 0u));
+#ifdef SPECTRAL_EXT_EMULATE
+  if (emu::g_order_seed != 0) {
+    emulated_schedule<T>(a, n_iter, total);
+    return;
+  }
+#endif
   for (;;) {
     if (threadIdx.x == 0) ticket_s = atomicAdd(a.ticket, 1u);
     __syncthreads();
     const unsigned int k = ticket_s;
     __syncthreads();  // read by every thread before thread 0 takes the next one
     if (k >= total) return;
-    const unsigned int pass = k / per;
-    const int i = static_cast<int>(k % per);
-    const unsigned int it = pass / 2;
-    if (pass == 2u * static_cast<unsigned int>(n_iter)) {  // after the last column pass
-      if (!wait_for(a.done_b + a.tiles[i].layer, static_cast<unsigned int>(n_iter))) return;
-      grad_phase<T>(a, i);
-    } else if (pass % 2 == 0) {  // rows of iteration it (forward): after the column pass before
-      if (it > 0 && !wait_for(a.done_b + a.tiles[i].layer, it)) return;
-      rows_phase<T>(a, false, i);
-    } else {                      // columns of iteration it: after its row pass
-      if (!wait_for(a.done_a + a.tiles[i].layer, it + 1)) return;
-      cols_phase<T>(a, false, i, it + 1 == static_cast<unsigned int>(n_iter));
-    }
+    const Need w = ticket_need(a, k, n_iter);
+    if (w.need > 0 && !wait_for(w.done, w.need)) return;
+    run_ticket<T>(a, k, n_iter);
   }
 }
 
