@@ -87,6 +87,16 @@ def _div(x, d):
 
 
 @triton.jit
+def _norm_of_parts(parts, start, count, BLOCK_P: tl.constexpr):
+    """sqrt of the sum of the float64 parts [start, start + count), in a fixed order."""
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float64)
+    for j in range(0, count, BLOCK_P):
+        jj = j + tl.arange(0, BLOCK_P)
+        acc += tl.load(parts + start + jj, mask=jj < count, other=0.0)
+    return tl.sqrt(tl.sum(acc, axis=0))
+
+
+@triton.jit
 def _load_tile(W, ldw, r, rmask, c, cmask, DTYPE: tl.constexpr):
     """W[r, c] (row stride ldw, unit column stride) as float32, zero outside the masks."""
     return _to_f32(tl.load(W + r[:, None].to(tl.int64) * ldw + c[None, :],
@@ -150,14 +160,9 @@ def _cols_kernel(tile_layer, tile_start, tile_rstart, w_tab, rows_tab, cols_tab,
     # ||u_raw|| from the row tiles' parts, summed in a fixed order (the same in every tile of
     # the layer); then v' = W^T (u_raw / ||u_raw||) with the normalized u, which keeps the
     # products in range
-    q0 = tl.load(uq_start_tab + layer)
-    qn = tl.load(uq_count_tab + layer)
-    u2 = tl.zeros((BLOCK_P,), dtype=tl.float64)
-    for j in range(0, qn, BLOCK_P):
-        jj = j + tl.arange(0, BLOCK_P)
-        u2 += tl.load(u2_part + q0 + jj, mask=jj < qn, other=0.0)
-    # kept in float64: a zero matrix gives u = 0 (not NaN), a NaN norm propagates
-    nrm = tl.sqrt(tl.sum(u2, axis=0))
+    # (kept in float64: a zero matrix gives u = 0, not NaN; a NaN norm propagates)
+    nrm = _norm_of_parts(u2_part, tl.load(uq_start_tab + layer), tl.load(uq_count_tab + layer),
+                         BLOCK_P)
     c = c0 + tl.arange(0, BLOCK_C)
     cmask = c < cols
     r_end = rows
@@ -254,13 +259,8 @@ def _finalize_kernel(tile_layer, tile_start, v_tab, g_tab, rows_tab, cols_tab, l
                 tl.store(ptr, _round_to(u[:, None] * vp[None, :], G_DTYPE), mask=m)
     if FINALIZE and r0 == 0:
         # sigma = ||v'|| from the column tiles' partial sums, in a fixed order
-        p0 = tl.load(pstart_tab + layer)
-        pn = tl.load(pcount_tab + layer)
-        s2 = tl.zeros((BLOCK_P,), dtype=tl.float64)
-        for j in range(0, pn, BLOCK_P):
-            jj = j + tl.arange(0, BLOCK_P)
-            s2 += tl.load(partial_v2 + p0 + jj, mask=jj < pn, other=0.0)
-        sigma64 = tl.sqrt(tl.sum(s2, axis=0))
+        sigma64 = _norm_of_parts(partial_v2, tl.load(pstart_tab + layer),
+                                 tl.load(pcount_tab + layer), BLOCK_P)
         sigma = sigma64.to(tl.float32)
         tl.store(sigma_out + tl.load(layer_out + layer), sigma)
         # v = v' / sigma, unless sigma is 0 (zero matrix) or not finite (NaN/Inf weights)
