@@ -8,7 +8,8 @@ memory floor, on the weight sets of real models; then whole training steps.
 
 One table per device and dtype.  Rows: weight sets (benchmarks/models.py).  Columns: median time
 per step of the naive loop, the grouped loop (spectral_ext.experiments.naive) and each backend
-(on CUDA also `cuda-1launch`: the cuda backend in one launch per step, set_cuda_launch_mode);
+(`cpu-plan` / `cuda-plan`: that backend's persistent step plan, the regularizer's eager path;
+on CUDA also `cuda-1launch`: the cuda backend in one launch per step, set_cuda_launch_mode);
 each backend's speed-up over naive and its time over the memory floor; ops that reach a kernel
 (CPU, counted by a TorchDispatchMode) or device launches (CUDA, torch.profiler) per step.  The floor is bytes / bandwidth, with
 bytes = (itemsize(W) * (n_iter + 1) + 2 * itemsize(grad)) per parameter (16 bytes per float32
@@ -141,7 +142,7 @@ def main(argv=None):
     avail = se.available_backends()
     if args.backends:
         for b in args.backends.split(","):
-            b = "cuda" if b == harness.ONE_LAUNCH else b
+            b = harness.backend_of(b)
             if b not in avail:
                 sys.exit(f"unknown backend {b!r}; choose from {', '.join(avail)}")
             if not avail[b].available:

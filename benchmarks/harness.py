@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spectral_ext as se
+from spectral_ext.functional import make_step_plan
 
 from .models import SETS
 from .naive import GroupPlan, grouped_step, naive_outer_step, naive_step
@@ -23,14 +24,27 @@ def native_backends(device: torch.device) -> List[str]:
     """The available non-reference backends that run on this device."""
     avail = se.available_backends()
     by_device = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
-    out = [b for b in by_device.get(device.type, ()) if b in avail and avail[b].available]
-    if "cuda" in out:   # the cuda backend in one launch per step, beside it
-        out.insert(out.index("cuda") + 1, ONE_LAUNCH)
+    out = []
+    for b in by_device.get(device.type, ()):
+        if b in avail and avail[b].available:
+            out.append(b)
+            if b in ("cpu", "cuda"):   # its persistent step plan (the regularizer's eager path)
+                out.append(b + PLAN)
+            if b == "cuda":            # and the kernels in one launch per step
+                out.append(ONE_LAUNCH)
     return out
 
 
+#: "<backend>-plan": the backend's persistent step plan (functional.make_step_plan), as a column
+PLAN = "-plan"
 #: the "cuda" backend with spectral_ext.set_cuda_launch_mode("persistent"), as a column
 ONE_LAUNCH = "cuda-1launch"
+
+
+def backend_of(column: str) -> str:
+    """The backend a column runs (cpu-plan -> cpu, cuda-1launch -> cuda)."""
+    return "cuda" if column == ONE_LAUNCH else column[:-len(PLAN)] if column.endswith(PLAN) \
+        else column
 
 
 def make_weights(set_name: str, dtype: torch.dtype, device, seed: int = 0) -> List[torch.Tensor]:
@@ -75,10 +89,31 @@ def make_impls(weights: Sequence[torch.Tensor], names: Sequence[str], n_iter: in
                                                                 n_iter=n_iter, plan=plan)
         elif name == ONE_LAUNCH:
             impls[name] = lambda vs=vs: _one_launch(weights, vs, lam, n_iter)
+        elif name.endswith(PLAN):
+            impls[name] = _plan_step(weights, vs, backend_of(name), lam, n_iter)
         else:
             impls[name] = lambda vs=vs, b=name: se.fused_step(weights, vs, lam=lam,
                                                               n_iter=n_iter, backend=b)
     return impls
+
+
+def _plan_step(weights, vs, backend, lam, n_iter) -> Callable[[], torch.Tensor]:
+    """A step through the backend's persistent plan.  A plan steps weights that require grad
+    (it declines others): leaves sharing each weight's memory, with the weight's own .grad
+    tensor as theirs, so it adds into the same gradients as the other columns."""
+    leaves = []
+    for w in weights:
+        leaf = w.detach().requires_grad_()
+        leaf.grad = w.grad
+        leaves.append(leaf)
+    plan = make_step_plan(leaves, vs, backend=backend)
+
+    def step():
+        sigma = plan.step(lam, n_iter)
+        if sigma is None:
+            raise RuntimeError(f"the {backend} step plan declined the benchmark's weights")
+        return sigma
+    return step
 
 
 def _one_launch(weights, vs, lam, n_iter):
