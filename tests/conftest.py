@@ -80,6 +80,41 @@ def assert_lowp_close(out, ref_same_precision, oracle, what="", k=1):
         f"{what}: error {err:.3g} vs plain PyTorch's {ref_err:.3g} (floor {floor:.3g}, k={k})")
 
 
+def lowp_k(w) -> int:
+    """The longest float32 reduction of one layer's step (assert_lowp_close's k)."""
+    return max(w.shape[0], w[0].numel())
+
+
+def assert_lowp_layers(weights, sigma, per_layer):
+    """assert_lowp_close of a step's outputs: ``sigma = (out, ref, oracle)`` with the longest
+    reduction of all layers, and per layer each ``name: (outs, refs, oracles)`` with its own."""
+    assert_lowp_close(*sigma, "sigma", max(lowp_k(w) for w in weights))
+    for name, (outs, refs, oracles) in per_layer.items():
+        for i, w in enumerate(weights):
+            assert_lowp_close(outs[i], refs[i], oracles[i], f"{name}[{i}]", lowp_k(w))
+
+
+def degenerate_layers(device):
+    """A zero matrix, one with a NaN, one with an Inf and a finite one (in that order): the
+    kernels' edge cases (sigma 0 or not finite: v kept)."""
+    zero = torch.zeros(6, 5, device=device)
+    nan = torch.randn(4, 7, device=device)
+    nan[2, 3] = float("nan")
+    inf = torch.randn(3, 7, device=device)
+    inf[0, 0] = float("inf")
+    return [zero, nan, inf, torch.randn(5, 3, device=device)]
+
+
+def gap_matrix(m: int, n: int) -> torch.Tensor:
+    """A float64 m x n matrix with singular values 3 and 1 ... 0.2: a large top gap, so a few
+    power iterations converge."""
+    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64))
+    s = torch.linspace(1.0, 0.2, min(m, n), dtype=torch.float64)
+    s[0] = 3.0
+    return (U * s) @ V.T
+
+
 def assert_replay_equals_eager(graph, sigma, outs, starts, eager_sigma, eager_outs):
     """Resets the step's outputs (vs and grads) to their values before the eager step, replays
     a CUDA graph of the same step, and checks that it gave the eager step's bits."""

@@ -10,7 +10,7 @@ from spectral_ext import reference
 
 import cuda_emulation
 import fuzz
-from conftest import SEED, assert_lowp_close, assert_rel_close, backend_or_skip
+from conftest import SEED, assert_lowp_close, assert_rel_close, backend_or_skip, degenerate_layers
 
 # (backend, device) pairs; a backend that cannot run here is skipped with the reason it gives.
 # Without a GPU the Triton kernels run in the interpreter on CPU tensors (tests/conftest.py),
@@ -176,14 +176,9 @@ def test_mixed_dtypes_in_one_call(backend):
 
 def test_edge_cases_match_reference(backend):
     _, dev = backend
-    zero = torch.zeros(6, 5, device=dev)
-    nan = torch.randn(4, 4, device=dev)
-    nan[1, 2] = float("nan")
-    inf = torch.randn(3, 7, device=dev)
-    inf[0, 0] = float("inf")
-    normal = torch.randn(5, 5, device=dev)
-    (s, v, g), (s_ref, v_ref, g_ref) = _run_both(backend, [zero, nan, inf, normal], 2)
-    v0 = se.init_vectors([zero, nan, inf, normal], seed=11)
+    weights = degenerate_layers(dev)
+    (s, v, g), (s_ref, v_ref, g_ref) = _run_both(backend, weights, 2)
+    v0 = se.init_vectors(weights, seed=11)
     assert s[0] == 0 and torch.equal(v[0], v0[0])           # zero matrix: sigma 0, v kept
     assert torch.isfinite(g[0]).all()
     for i in (1, 2):                                         # non-finite: propagates, v kept

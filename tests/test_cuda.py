@@ -17,7 +17,7 @@ import torch
 import spectral_ext as se
 from spectral_ext import functional, reference
 
-from conftest import (assert_lowp_close, assert_rel_close, assert_replay_equals_eager,
+from conftest import (assert_lowp_layers, assert_rel_close, assert_replay_equals_eager,
                       emulation_or_skip, warm_up_on_a_side_stream)
 
 GPU = se.available_backends()["cuda"].available
@@ -343,12 +343,7 @@ def test_deep_last_block_sums_match_reference_in_every_block_order(dtype):
         return
     s64, v64, g64 = _ref_step([w.double() for w in ws], [x.double() for x in vs],
                               [x.double() for x in gs], 0.37, 2)
-    k = max(max(w.shape[0], w[0].numel()) for w in ws)
-    assert_lowp_close(s, s_ref, s64, "sigma", k)
-    for i, w in enumerate(ws):
-        k_i = max(w.shape[0], w[0].numel())
-        assert_lowp_close(v[i], v_ref[i], v64[i], f"v[{i}]", k_i)
-        assert_lowp_close(g[i], g_ref[i], g64[i], f"grad[{i}]", k_i)
+    assert_lowp_layers(ws, (s, s_ref, s64), {"v": (v, v_ref, v64), "grad": (g, g_ref, g64)})
 
 
 def test_a_step_that_failed_half_way_leaves_no_stale_counter():

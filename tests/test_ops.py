@@ -6,7 +6,7 @@ import torch
 import spectral_ext as se
 from spectral_ext import _ops, reference
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, gap_matrix
 
 NATIVE = [b for b in ("cpu",) if se.available_backends()[b].available]
 ALL = ["reference"] + NATIVE
@@ -73,19 +73,11 @@ def test_opcheck_spectral_norms(dtype):
     torch.library.opcheck(torch.ops.spectral_ext.spectral_norms, (ws, se.init_vectors(ws), 2))
 
 
-def _gap_matrix(m, n):
-    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64))
-    s = torch.linspace(1.0, 0.2, min(m, n), dtype=torch.float64)
-    s[0] = 3.0
-    return (U * s) @ V.T
-
-
 @pytest.mark.parametrize("backend", ALL)
 def test_gradcheck_float64(backend):
     """With converged vectors, sigma is sigma_1(W) and d sigma_1 / dW = u_1 v_1^T exactly, so the
     op's backward (u v^T) must match finite differences of the function it computes."""
-    ws = [_gap_matrix(6, 5).requires_grad_(), _gap_matrix(4, 18).reshape(4, 2, 3, 3).requires_grad_()]
+    ws = [gap_matrix(6, 5).requires_grad_(), gap_matrix(4, 18).reshape(4, 2, 3, 3).requires_grad_()]
     vs = se.init_vectors(ws)
     se.spectral_norms(ws, vs, 100, backend=backend)           # converge the vectors
 

@@ -356,17 +356,22 @@ def test_missing_and_bad_grads_together_create_nothing():
     assert ws[0].grad is None
 
 
-def test_bad_lam_and_n_iter_raise_like_the_op():
-    ws, vs = _small()
-    plan = make_step_plan(ws, vs)
-    for lam, n_iter in ((-1.0, 1), (float("nan"), 1), (LAM, 0)):
+def _scalars_raise_like_the_op(op, plan, ws, vs, cases):
+    """For each (lam, n_iter): the op and the plan raise the same ValueError, changing nothing."""
+    for lam, n_iter in cases:
         snap = _snapshot(ws, vs)
         with pytest.raises(ValueError) as op_err:
-            _ops.fused_step(ws, vs, [w.grad for w in ws], lam, n_iter)
+            op(ws, vs, [w.grad for w in ws], lam, n_iter)
         with pytest.raises(ValueError) as plan_err:
             plan.step(lam, n_iter)
         assert str(plan_err.value) == str(op_err.value)
         _unchanged(ws, vs, snap)
+
+
+def test_bad_lam_and_n_iter_raise_like_the_op():
+    ws, vs = _small()
+    _scalars_raise_like_the_op(_ops.fused_step, make_step_plan(ws, vs), ws, vs,
+                               ((-1.0, 1), (float("nan"), 1), (LAM, 0)))
 
 
 def test_no_plan_for_other_backends():
@@ -667,14 +672,8 @@ def test_cuda_plan_reuses_its_tables_and_raises_the_ops_errors():
     ws[0].grad = torch.randn(6, 4).t()   # a new layout: checked again, a new table
     plan.step(LAM, 1)
     assert ops.cached_plans() == 2 and plan.full_checks() == 2
-    for lam, n_iter in ((-1.0, 1), (LAM, 0), (LAM, 2000000)):
-        snap = _snapshot(ws, vs)
-        with pytest.raises(ValueError) as op_err:
-            ops.fused_step(ws, vs, [w.grad for w in ws], lam, n_iter)
-        with pytest.raises(ValueError) as plan_err:
-            plan.step(lam, n_iter)
-        assert str(plan_err.value) == str(op_err.value)
-        _unchanged(ws, vs, snap)
+    _scalars_raise_like_the_op(ops.fused_step, plan, ws, vs,
+                               ((-1.0, 1), (LAM, 0), (LAM, 2000000)))
     buf = torch.randn(64)             # a gradient overlapping another: the op's error
     ws[0].grad, ws[1].grad = buf[:24].view(4, 6), buf[20:44].view(3, 2, 2, 2)
     snap = _snapshot(ws, vs)

@@ -13,7 +13,8 @@ import spectral_ext as se
 from spectral_ext import _ops, reference
 
 import cuda_emulation
-from conftest import assert_lowp_close, assert_rel_close, backend_or_skip, emulation_or_skip
+from conftest import (assert_lowp_close, assert_lowp_layers, assert_rel_close, backend_or_skip,
+                      degenerate_layers, emulation_or_skip, gap_matrix)
 
 GPU = torch.cuda.is_available()
 BACKENDS = [("cuda", "cuda"), ("cuda-emulated", "cpu"), ("triton", "cuda" if GPU else "cpu")]
@@ -99,12 +100,8 @@ def test_low_precision_forward_against_upcast_reference(backend, dtype, n_iter):
     s64, us64, vn64 = reference.spectral_norms_values([w.double() for w in weights],
                                                       [v.double() for v in vs], n_iter)
     assert s.dtype == torch.float32 and all(u.dtype == torch.float32 for u in us)
-    k = max(max(w.shape[0], w[0].numel()) for w in weights)
-    assert_lowp_close(s, s_ref, s64, "sigma", k)
-    for i, w in enumerate(weights):
-        k_i = max(w.shape[0], w[0].numel())
-        assert_lowp_close(us[i], us_ref[i], us64[i], f"u[{i}]", k_i)
-        assert_lowp_close(vn[i], vn_ref[i], vn64[i], f"v[{i}]", k_i)
+    assert_lowp_layers(weights, (s, s_ref, s64), {"u": (us, us_ref, us64),
+                                                  "v": (vn, vn_ref, vn64)})
 
 
 def test_mixed_dtypes_and_awkward_layouts(backend):
@@ -136,13 +133,7 @@ def test_zero_and_nan_layers(backend, vdtype):
     """Zero matrix: sigma 0, u 0, v kept bit for bit (in its own dtype); NaN/Inf weights:
     non-finite sigma, v kept; the other layers unaffected; and their gradients."""
     name, dev = backend
-    zero = torch.zeros(6, 5, device=dev)
-    nan = torch.randn(4, 7, device=dev)
-    nan[2, 3] = float("nan")
-    inf = torch.randn(3, 7, device=dev)
-    inf[0, 0] = float("inf")
-    normal = torch.randn(5, 3, device=dev)
-    weights = [zero, nan, inf, normal]
+    weights = degenerate_layers(dev)
     vs = [torch.randn(w[0].numel(), dtype=torch.float64, device=dev) for w in weights]
     vs = [(v / v.norm()).to(vdtype) for v in vs]
     for n_iter in (1, 3):
@@ -211,7 +202,7 @@ def test_backward_float32_against_float64_gradient(backend):
     against the exact gradient computed in float64, u_1 v_1^T of well-separated matrices (top
     singular value 3x the next, converged vectors)."""
     name, dev = backend
-    mats = [_gapped(6, 5), _gapped(4, 18), _gapped(40, 33), _gapped(1, 7)]
+    mats = [gap_matrix(6, 5), gap_matrix(4, 18), gap_matrix(40, 33), gap_matrix(1, 7)]
     w64 = [mats[0], mats[1].reshape(4, 2, 3, 3), mats[2], mats[3]]
     vs = se.init_vectors(w64)
     _, _, vs = reference.spectral_norms_values(w64, vs, 200)       # converged in float64
@@ -229,20 +220,12 @@ def test_backward_float32_against_float64_gradient(backend):
         assert_rel_close(grads[i].cpu(), exact, 1e-5, f"grad[{i}] (float32 vs float64)")
 
 
-def _gapped(m, n):
-    U, _ = torch.linalg.qr(torch.randn(m, min(m, n), dtype=torch.float64))
-    V, _ = torch.linalg.qr(torch.randn(n, min(m, n), dtype=torch.float64))
-    s = torch.linspace(1.0, 0.2, min(m, n), dtype=torch.float64)
-    s[0] = 3.0
-    return (U * s) @ V.T
-
-
 def test_float64_finite_differences(backend):
     """The fused backward is the derivative of the fused forward: a central difference of sigma
     along random directions (float64, converged vectors) equals <grad, D>."""
     name, dev = backend
     _skip_float64(name)
-    w64 = [_gapped(6, 5).to(dev), _gapped(4, 18).reshape(4, 2, 3, 3).to(dev)]
+    w64 = [gap_matrix(6, 5).to(dev), gap_matrix(4, 18).reshape(4, 2, 3, 3).to(dev)]
     vs = se.init_vectors(w64)
     _, _, vs = reference.spectral_norms_values(w64, vs, 200)
     s, us, vn = forward(name, w64, vs, 30)

@@ -2,6 +2,8 @@
 test_backends.py): the op, one launch per phase whatever the number of layers, the cached layer
 table.  Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest.py)."""
 
+import collections
+
 import pytest
 import torch
 
@@ -24,6 +26,24 @@ def _inputs(shapes, dtype=torch.float32):
     return ws, se.init_vectors(ws), [torch.randn_like(w) for w in ws]
 
 
+def _spy_launches(monkeypatch):
+    """[(kernel name, launch kwargs)] of every launch of the Triton backend from now on."""
+    launches = []
+    for name in ("_rows_kernel", "_cols_kernel", "_cols_reduce_kernel", "_finalize_kernel"):
+        kernel = getattr(tk, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    launches.append((name, kwargs))
+                    return launch(*args, **kwargs)
+                return run
+        monkeypatch.setattr(tk, name, Spy())
+    return launches
+
+
 def test_opcheck_fused_step_triton():
     ws, vs, gs = _inputs([(37, 129), (8, 3, 3, 3), (1, 20), (20, 1)])
     torch.library.opcheck(torch.ops.spectral_ext.fused_step_triton, (ws, vs, gs, 0.25, 2))
@@ -34,15 +54,7 @@ def test_opcheck_fused_step_triton():
 def test_launches_do_not_grow_with_layers(monkeypatch, n_layers, n_iter):
     """3 launches per iteration and weight dtype, for 1 or 40 layers (none taller than a chunk:
     see test_tall_layers_split_their_column_phase)."""
-    launches = []
-    for name in ("_rows_kernel", "_cols_kernel", "_cols_reduce_kernel", "_finalize_kernel"):
-        kernel = getattr(tk, name)
-
-        class Counting:
-            def __getitem__(self, grid, kernel=kernel, name=name):
-                launches.append(name)
-                return kernel[grid]
-        monkeypatch.setattr(tk, name, Counting())
+    launches = _spy_launches(monkeypatch)
     shapes = [(3 + i % 5, 4 + i % 7) for i in range(n_layers)]
     ws, vs, gs = _inputs(shapes)
     ws16, vs16, gs16 = _inputs(shapes[:2], torch.bfloat16)
@@ -57,15 +69,7 @@ def test_tall_layers_split_their_column_phase(monkeypatch, spectral_norms):
     launch per iteration, results against the reference (test_backends.py's tolerance for
     float32), and bitwise the same on a second call (the fixed order)."""
     chunk = tk.row_chunk()
-    counts = {}
-    for name in ("_rows_kernel", "_cols_kernel", "_cols_reduce_kernel", "_finalize_kernel"):
-        kernel = getattr(tk, name)
-
-        class Counting:
-            def __getitem__(self, grid, kernel=kernel, name=name):
-                counts[name] = counts.get(name, 0) + 1
-                return kernel[grid]
-        monkeypatch.setattr(tk, name, Counting())
+    launches = _spy_launches(monkeypatch)
     shapes = [(chunk * 3 + 5, 70), (chunk, 40), (17, 9), (2 * chunk + 1, 1)]
     ws = [torch.randn(s, device=DEVICE) for s in shapes]
     vs0 = se.init_vectors(ws)
@@ -79,6 +83,7 @@ def test_tall_layers_split_their_column_phase(monkeypatch, spectral_norms):
         else:
             sigma = se.fused_step(ws, vs, grads=gs, lam=0.3, n_iter=2, backend="triton")
         outs.append((sigma, vs, gs))
+    counts = collections.Counter(name for name, _ in launches)
     assert counts["_cols_reduce_kernel"] == 2 * 2       # two iterations, two calls
     assert counts["_cols_kernel"] == counts["_rows_kernel"] == 4
     (s1, v1, g1), (s2, v2, g2) = outs
@@ -133,21 +138,9 @@ def test_aligned_hints_are_set_exactly_where_they_hold(monkeypatch, case):
     expected = (all(_aligned_by_hand(m) for m in ws + gs)
                 and all(v.data_ptr() % 16 == 0 for v in vs))
     assert expected == (case in ("aligned", "bf16_aligned"))
-    flags = []
-    for name in ("_rows_kernel", "_cols_kernel", "_finalize_kernel"):
-        kernel = getattr(tk, name)
-
-        class Recording:
-            def __getitem__(self, grid, kernel=kernel):
-                launch = kernel[grid]
-
-                def run(*args, **kwargs):
-                    flags.append(kwargs["ALIGNED"])
-                    return launch(*args, **kwargs)
-                return run
-        monkeypatch.setattr(tk, name, Recording())
+    launches = _spy_launches(monkeypatch)
     se.fused_step(ws, vs, grads=gs, lam=0.5, backend="triton")
-    assert flags == [expected] * 3
+    assert [kwargs["ALIGNED"] for _, kwargs in launches] == [expected] * 3
 
 
 def test_layer_table_is_cached_while_tensors_stay():

@@ -780,17 +780,20 @@ class CudaStepPlan : public torch::CustomClassHolder {
 
 }  // namespace
 
-// spectral_ext.set_cuda_launch_mode: "phases" (a kernel per pass) or "persistent" (one
-// kernel per step); see LaunchMode in fused_step_cuda.h.
-void set_mode(const std::string& mode) {
-  TORCH_CHECK_VALUE(mode == "phases" || mode == "persistent", "the CUDA launch mode is "
-                    "'phases' or 'persistent', got '", mode, "'");
-  set_launch_mode(mode == "phases" ? LaunchMode::kPhases : LaunchMode::kPersistent);
-}
+// The launch mode (LaunchMode in fused_step_cuda.h) by index, for spectral_ext._C
+// (spectral_ext.set_cuda_launch_mode checks the name): 0 "phases", 1 "persistent".
 int launch_mode_index() { return static_cast<int>(launch_mode()); }
 void set_launch_mode_index(int mode) {
   set_launch_mode(mode == 1 ? LaunchMode::kPersistent : LaunchMode::kPhases);
 }
+#ifdef SPECTRAL_EXT_EMULATE
+// ... and by name, for the emulation's tests
+void set_mode(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "phases" || mode == "persistent", "the CUDA launch mode is "
+                    "'phases' or 'persistent', got '", mode, "'");
+  set_launch_mode_index(mode == "persistent" ? 1 : 0);
+}
+#endif
 
 // For tests and diagnostics (spectral_ext._C): the number of cached layer tables (and of those
 // pinned by captured graphs), and dropping the unpinned ones.

@@ -884,34 +884,34 @@ LaunchMode launch_mode() {
   return static_cast<LaunchMode>(g_launch_mode.load(std::memory_order_relaxed));
 }
 
-cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream) {
-  switch (args.dtype) {
-    case DType::kFloat32: return launch_all<float>(args, n_iter, stream, true);
-    case DType::kFloat64: return launch_all<double>(args, n_iter, stream, true);
-    case DType::kFloat16: return launch_all<__half>(args, n_iter, stream, true);
-    case DType::kBFloat16: return launch_all<__nv_bfloat16>(args, n_iter, stream, true);
+namespace {
+// f(T{}) for the element type T of dtype dt
+template <typename F>
+cudaError_t with_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
+}
+}  // namespace
+
+cudaError_t launch_fused_step(const StepArgs& args, int n_iter, cudaStream_t stream) {
+  return with_dtype(args.dtype, [&](auto t) {
+    return launch_all<decltype(t)>(args, n_iter, stream, true);
+  });
 }
 
 cudaError_t launch_spectral_norms(const StepArgs& args, int n_iter, cudaStream_t stream) {
-  switch (args.dtype) {
-    case DType::kFloat32: return launch_all<float>(args, n_iter, stream, false);
-    case DType::kFloat64: return launch_all<double>(args, n_iter, stream, false);
-    case DType::kFloat16: return launch_all<__half>(args, n_iter, stream, false);
-    case DType::kBFloat16: return launch_all<__nv_bfloat16>(args, n_iter, stream, false);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(args.dtype, [&](auto t) {
+    return launch_all<decltype(t)>(args, n_iter, stream, false);
+  });
 }
 
 cudaError_t launch_norms_backward(const StepArgs& args, cudaStream_t stream) {
-  switch (args.dtype) {
-    case DType::kFloat32: return launch_grad<float>(args, stream);
-    case DType::kFloat64: return launch_grad<double>(args, stream);
-    case DType::kFloat16: return launch_grad<__half>(args, stream);
-    case DType::kBFloat16: return launch_grad<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(args.dtype, [&](auto t) { return launch_grad<decltype(t)>(args, stream); });
 }
 
 #ifdef SPECTRAL_EXT_EMULATE
