@@ -126,7 +126,8 @@ class BuildExt(BuildExtension):
 
 
 def extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + ["csrc/module.cpp"]
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + ["csrc/module.cpp",
+                                                                          "csrc/plan_entry.cpp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     cxx_flags, link_flags = list(CXX_FLAGS), list(LINK_FLAGS)
     if CUDA_HOME:

@@ -1,6 +1,7 @@
 // The Python module spectral_ext._C.  Importing it registers the kernels (TORCH_LIBRARY_IMPL in
 // csrc/cpu/ and csrc/cuda/binding.cpp; the schemas are defined in spectral_ext/_ops.py).  Its
-// functions describe the build.  Only Python.h here: this file compiles in a second.
+// functions describe the build, and plan_step (plan_entry.cpp) is the step plans' fast
+// call.  Only Python.h here: this file compiles in a second.
 #include <Python.h>
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 
 namespace spectral_ext {
 bool cpu_openmp();
+PyObject* plan_step(PyObject* module, PyObject* const* args, Py_ssize_t nargs);   // plan_entry.cpp
 #ifdef SPECTRAL_EXT_WITH_CUDA
 namespace cuda {
 void runtime_info(int* runtime_version, int* driver_version, int* device_count);
@@ -98,6 +100,11 @@ static PyMethodDef methods[] = {
      "drop the cached CUDA layer tables that no captured graph uses"},
     {"cuda_launch_mode", cuda_launch_mode, METH_VARARGS,
      "the CUDA launch mode (0: a kernel per pass, 1: one kernel per step); with an argument, set it"},
+    {"plan_step",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(spectral_ext::plan_step)),
+     METH_FASTCALL,
+     "plan_step(plan, lam, n_iter): plan.step(lam, n_iter) of a step plan "
+     "(functional.make_step_plan) without the custom-class method call's overhead"},
     {nullptr, nullptr, 0, nullptr}};
 static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -29,6 +29,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 #include <ATen/ops/empty_like.h>
 
 #include <c10/util/SmallVector.h>
@@ -36,11 +37,26 @@
 
 #include <cstdint>
 #include <exception>
+#include <optional>
 #include <vector>
 
 #include "spectral_ext.h"
 
 namespace spectral_ext {
+
+// What the CPU and CUDA plans (CpuStepPlan, CudaStepPlan: torch custom classes) have in common:
+// the step.  Python calls it either as a custom-class method (plan.step(lam, n_iter): torch's
+// binding code converts the arguments, about 3-4 us per call) or through plan_entry.cpp's
+// spectral_ext._C.plan_step(plan, lam, n_iter), which finds this base in the ScriptObject and
+// calls it directly (the regularizer's eager path).
+class StepPlan : public torch::CustomClassHolder {
+ public:
+  // One step: adds lam * sigma * u v^T to each weight's .grad (created as zeros where it is
+  // None) and updates the vectors; returns sigma [L].  None, having done nothing, when the
+  // weights are no longer on the plan's device or some weight does not require grad (frozen):
+  // the caller then takes the op path.
+  virtual std::optional<at::Tensor> step(double lam, int64_t n_iter) = 0;
+};
 
 class PlanTensors {
  public:

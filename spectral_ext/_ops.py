@@ -198,6 +198,10 @@ CpuStepPlan = torch.classes.spectral_ext.CpuStepPlan if CPU_EXTENSION_ERROR is N
 #: torch.classes.spectral_ext.CudaStepPlan (csrc/cuda/binding.cpp): the same for the CUDA kernels;
 #: None when they are not compiled in.
 CudaStepPlan = torch.classes.spectral_ext.CudaStepPlan if CUDA_KERNELS_ERROR is None else None
+#: spectral_ext._C.plan_step(plan, lam, n_iter) (csrc/plan_entry.cpp): plan.step(lam, n_iter)
+#: without the custom-class method call (3-4 us of argument handling per call); None without the
+#: C++ extension.
+plan_step = _C.plan_step if CPU_EXTENSION_ERROR is None else None
 
 
 # ---- the Triton backend (optional) --------------------------------------------------------------

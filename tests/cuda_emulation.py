@@ -41,17 +41,26 @@ def load():
                              f"{zlib.crc32(ROOT.encode()):08x}")
         os.makedirs(build, exist_ok=True)
         flags = ["-DSPECTRAL_EXT_EMULATE", "-O3", "-g0", "-std=c++20", "-Wno-unknown-pragmas"]
-        cpp_extension.load(
+        module = cpp_extension.load(
             name="spectral_ext_cuda_emu",
             sources=[os.path.join(ROOT, "csrc", "cuda", "binding.cpp"),
-                     os.path.join(ROOT, "csrc", "cuda", "emulated.cpp")],
+                     os.path.join(ROOT, "csrc", "cuda", "emulated.cpp"),
+                     os.path.join(ROOT, "csrc", "plan_entry.cpp")],
             extra_cflags=flags,
             extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(CUDA_HOME, "include")],
             extra_ldflags=[f"-L{os.path.join(CUDA_HOME, 'lib64')}", "-l:libcudart_static.a",
                            "-ldl", "-lrt", "-lpthread"],
-            build_directory=build, is_python_module=False, with_cuda=False, verbose=False)
+            build_directory=build, is_python_module=True, with_cuda=False, verbose=False)
         ops = torch.ops.spectral_ext_emu
         seed = os.environ.get("SPECTRAL_EXT_EMU_ORDER_SEED")
         ops.block_order(int(seed) if seed else random.SystemRandom().randrange(1, 2**62))
         _state["ops"] = ops
+        _state["module"] = module
     return _state["ops"]
+
+
+def plan_step(plan, lam, n_iter):
+    """csrc/plan_entry.cpp's plan_step (spectral_ext._C.plan_step in the real build) for the
+    emulation's CudaStepPlan: plan.step(lam, n_iter) without torchbind's method call."""
+    load()
+    return _state["module"].plan_step(plan, lam, n_iter)

@@ -12,7 +12,7 @@ from torch import nn
 
 import spectral_ext as se
 from spectral_ext import _ops
-from spectral_ext.functional import make_step_plan
+from spectral_ext.functional import make_step_plan, plan_step
 
 from conftest import emulation_or_skip
 
@@ -113,8 +113,8 @@ def test_plan_step_equals_op_bitwise_on_awkward_inputs():
     ws, vs, ws2, vs2 = _awkward_pair()
     plan = make_step_plan(ws, vs)
     assert plan is not None
-    for it in range(4):
-        sig = plan.step(LAM, 1 + it % 2)
+    for it in range(4):     # the method and the direct call (plan_step) in turn
+        sig = plan.step(LAM, 1 + it % 2) if it < 2 else plan_step(plan, LAM, 1 + it % 2)
         sig2 = se.fused_step(ws2, vs2, lam=LAM, n_iter=1 + it % 2, backend="cpu")
         _assert_same(ws, vs, ws2, vs2, sig, sig2)
         _sgd(ws)        # the weights change in place between steps: the plan reads them anew
@@ -362,9 +362,10 @@ def _scalars_raise_like_the_op(op, plan, ws, vs, cases):
         snap = _snapshot(ws, vs)
         with pytest.raises(ValueError) as op_err:
             op(ws, vs, [w.grad for w in ws], lam, n_iter)
-        with pytest.raises(ValueError) as plan_err:
-            plan.step(lam, n_iter)
-        assert str(plan_err.value) == str(op_err.value)
+        for entry in (plan.step, lambda lam, n_iter: plan_step(plan, lam, n_iter)):
+            with pytest.raises(ValueError) as plan_err:
+                entry(lam, n_iter)
+            assert str(plan_err.value) == str(op_err.value)
         _unchanged(ws, vs, snap)
 
 
@@ -372,6 +373,33 @@ def test_bad_lam_and_n_iter_raise_like_the_op():
     ws, vs = _small()
     _scalars_raise_like_the_op(_ops.fused_step, make_step_plan(ws, vs), ws, vs,
                                ((-1.0, 1), (float("nan"), 1), (LAM, 0)))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_plan_step_refuses_what_is_not_a_plan_or_its_arguments():
+    """plan_step's own checks (csrc/plan_entry.cpp): a clear TypeError/ValueError for anything
+    but a plan and (float, int), never a crash; nothing is stepped."""
+    ws, vs = _small()
+    plan = make_step_plan(ws, vs)
+    snap = _snapshot(ws, vs)
+    # the last: a ScriptObject (torch._C.ScriptModule) that holds no StepPlan
+    not_plans = [None, ws[0], "plan", torch.classes.spectral_ext.CpuStepPlan,
+                 torch.jit.script(nn.Linear(2, 2))._c]
+    for obj in not_plans:
+        with pytest.raises(TypeError, match="expected a step plan"):
+            _ops.plan_step(obj, LAM, 1)
+    for lam, n_iter, err, msg in (("0.1", 1, TypeError, "lam must be a float"),
+                                  (None, 1, TypeError, "lam must be a float"),
+                                  (LAM, 1.0, TypeError, "n_iter must be an int"),
+                                  (LAM, True, TypeError, "n_iter must be an int"),
+                                  (LAM, 2**64, ValueError, "does not fit in 64 bits")):
+        with pytest.raises(err, match=msg):
+            _ops.plan_step(plan, lam, n_iter)
+    for args in ((), (plan,), (plan, LAM), (plan, LAM, 1, 1)):
+        with pytest.raises(TypeError, match="takes 3 arguments"):
+            _ops.plan_step(*args)
+    _unchanged(ws, vs, snap)
+    assert plan_step(plan, 1, 1) is not None        # an int lam is a float, as for the method
 
 
 def test_no_plan_for_other_backends():
@@ -545,6 +573,7 @@ def test_a_plan_of_non_cpu_weights_does_nothing():
     ws = [_leaf(torch.randn(4, 6, device="meta"))]
     plan = _ops.CpuStepPlan(ws, se.init_vectors([torch.randn(4, 6)]))
     assert plan.step(LAM, 1) is None       # did nothing: the caller takes the op path
+    assert plan_step(plan, LAM, 1) is None
     assert ws[0].grad is None
     assert make_step_plan(ws, [torch.randn(6, device="meta")]) is None
 
@@ -594,6 +623,11 @@ def _emu_weights():
     ]
 
 
+def _emu_plan_step(plan, lam, n_iter):
+    import cuda_emulation
+    return cuda_emulation.plan_step(plan, lam, n_iter)
+
+
 def _emu_op_step(ops, ws, vs, n_iter):
     """The emulated op on the weights' .grad (created as the op path creates them)."""
     from spectral_ext import _checks
@@ -619,7 +653,8 @@ def test_cuda_plan_equals_the_cuda_op_bitwise(copied_layer):
                 g = _copy(torch.randn(w.shape, dtype=w.dtype).as_strided(w.grad.shape,
                                                                           w.grad.stride()))
                 w.grad, w2.grad = g, _copy(g)
-        sig = plan.step(LAM, 1 + it % 2)
+        # the method, and csrc/plan_entry.cpp's direct call (the emulation's own module)
+        sig = plan.step(LAM, 1 + it % 2) if it % 2 else _emu_plan_step(plan, LAM, 1 + it % 2)
         sig2 = _emu_op_step(ops, ws2, vs2, 1 + it % 2)
         _assert_same(ws, vs, ws2, vs2, sig, sig2)
         _sgd(ws)
@@ -685,6 +720,7 @@ def test_cuda_plan_reuses_its_tables_and_raises_the_ops_errors():
     _unchanged(ws, vs, snap)
     ws[0].requires_grad_(False)       # frozen: the plan declines, the caller takes the op path
     assert plan.step(LAM, 1) is None
+    assert _emu_plan_step(plan, LAM, 1) is None
 
 
 def test_cuda_plan_under_capture_pins_through_the_cache():

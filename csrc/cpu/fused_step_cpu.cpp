@@ -661,16 +661,13 @@ at::Tensor run(at::TensorList weights, at::TensorList vs, const at::TensorList* 
 // Python-tensor unwrapping or torch_python headers are needed here, c10 errors reach Python as
 // ValueError / TypeError like the op's, and the plan is usable from C++ and TorchScript alike.
 // A call costs about 1.5 us.
-class CpuStepPlan : public torch::CustomClassHolder {
+class CpuStepPlan final : public StepPlan {
  public:
   CpuStepPlan(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
       : t_(std::move(weights), std::move(vs)) {}
 
-  // One step: adds lam * sigma * u v^T to each weight's .grad (created as zeros where it is
-  // None) and updates the vectors; returns sigma [L].  None, having done nothing, when the
-  // weights are no longer CPU tensors or some weight does not require grad (frozen): the
-  // caller then takes the op path.
-  std::optional<at::Tensor> step(double lam, int64_t n_iter) {
+  // StepPlan::step (../step_plan.h) on CPU tensors.
+  std::optional<at::Tensor> step(double lam, int64_t n_iter) override {
     PlanTensors::check_scalars(lam, n_iter);
     const PlanTensors::Step s(t_, n_iter, c10::DeviceType::CPU);
     if (s.change == PlanTensors::Change::kDeclined) return std::nullopt;

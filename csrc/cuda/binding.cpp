@@ -700,14 +700,14 @@ void spectral_norms_backward_cuda(const at::Tensor& grad_sigma, at::TensorList u
 // weight or gradient needs a copy (its table points into the copy, made anew each step) take
 // the op's way to the tables (table_for).  The launches are the op's: results are bitwise the
 // op's.
-class CudaStepPlan : public torch::CustomClassHolder {
+class CudaStepPlan final : public StepPlan {
  public:
   CudaStepPlan(std::vector<at::Tensor> weights, std::vector<at::Tensor> vs)
       : t_(std::move(weights), std::move(vs)) {}
 
   // As CpuStepPlan::step; None (nothing done) when the weights left the kernels' device or a
   // weight is frozen.
-  std::optional<at::Tensor> step(double lam, int64_t n_iter) {
+  std::optional<at::Tensor> step(double lam, int64_t n_iter) override {
     PlanTensors::check_scalars(lam, n_iter);
     TORCH_CHECK_VALUE(n_iter <= 1000000, "n_iter must be <= 1000000, got ", n_iter);
     const PlanTensors::Step s(t_, n_iter, kKernelDevice);
