@@ -11,8 +11,11 @@ Columns (all on the same weights and .grad tensors, each with its own vectors):
   functional     spectral_ext.fused_step(weights, vs): the op, called from Python
   reg op path    SpectralNormRegularizer.step() with the plan switched off (what step() did
                  before the plan: binding check + functional.fused_step)
-  reg plan       SpectralNormRegularizer.step() as shipped (binding check + the plan)
-  plan.step      the plan alone (functional.make_step_plan(...).step(lam, 1))
+  reg plan       SpectralNormRegularizer.step() as shipped (binding check + the plan through
+                 plan_step)
+  plan.step      the plan alone (functional.make_step_plan(...).step(lam, 1)), the method
+  plan_step      the plan alone through functional.plan_step(plan, lam, 1) (what reg.step()
+                 calls: no custom-class method machinery)
 The floor is benchmarks/harness.floor_bytes (16 bytes per float32 parameter) over the copy's
 bandwidth.  With --size 2 the kernel does almost nothing, so the times are the host path.
 """
@@ -26,7 +29,7 @@ from torch import nn
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import spectral_ext as se  # noqa: E402
-from spectral_ext.functional import make_step_plan  # noqa: E402
+from spectral_ext.functional import make_step_plan, plan_step  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.naive import naive_step  # noqa: E402
@@ -61,6 +64,7 @@ def main():
         "reg op path": reg_op.step,
         "reg plan": reg_plan.step,
         "plan.step": lambda: plan.step(harness.LAM, 1),
+        "plan_step": lambda: plan_step(plan, harness.LAM, 1),
     }
     t = harness.interleaved_medians(impls, "cpu", rounds=args.rounds)
     bandwidth = 2 * copy_bytes / t.pop("copy")

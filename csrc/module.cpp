@@ -87,6 +87,92 @@ static PyObject* cuda_launch_mode(PyObject*, PyObject* args) {
 #endif
 }
 
+// ---- identity tests of the regularizer's per-step binding check (spectral_ext/regularizer.py) ----
+// The same answers as the Python expressions they replace, in one C loop: for 512 weights the
+// Python forms cost 5-20 us each per step, which on a GPU is more than the step's kernels.
+// They read dicts with borrowed references and run no Python code (keys are compared only when
+// both are exact str), so nothing can change a dict while it is walked.
+
+static bool check_args(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t n) {
+  if (nargs != n) {
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, n, nargs);
+    return false;
+  }
+  return true;
+}
+
+// Whether a and b are the same str (a key test: no Python code runs)
+static bool same_key(PyObject* a, PyObject* b) {
+  if (a == b) return true;
+  return PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b) && PyUnicode_Compare(a, b) == 0;
+}
+
+// dict_is(d, keys, values) -> bool: d is a plain dict whose items are, in order, keys[i] (equal
+// str) -> values[i] (the same object); keys None: the values alone.  (list(d) == keys and
+// all(map(operator.is_, d.values(), values)), and len(d) == len(values).)  False for a dict
+// subclass: its own order may differ from the storage's.
+static PyObject* dict_is(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!check_args("dict_is", args, nargs, 3)) return nullptr;
+  PyObject *d = args[0], *keys = args[1], *values = args[2];
+  if (!PyList_Check(values) || (keys != Py_None && !PyList_Check(keys))) {
+    PyErr_SetString(PyExc_TypeError, "dict_is(d, keys, values): keys (or None) and values must "
+                    "be lists");
+    return nullptr;
+  }
+  if (!PyDict_CheckExact(d)) Py_RETURN_FALSE;
+  const Py_ssize_t n = PyList_GET_SIZE(values);
+  if (PyDict_GET_SIZE(d) != n || (keys != Py_None && PyList_GET_SIZE(keys) != n)) {
+    Py_RETURN_FALSE;
+  }
+  Py_ssize_t pos = 0, i = 0;
+  PyObject *k, *v;
+  while (PyDict_Next(d, &pos, &k, &v)) {
+    if (i >= n || v != PyList_GET_ITEM(values, i) ||
+        (keys != Py_None && !same_key(k, PyList_GET_ITEM(keys, i)))) {
+      Py_RETURN_FALSE;
+    }
+    ++i;
+  }
+  return PyBool_FromLong(i == n);
+}
+
+// lookups_are(dicts, keys, values) -> bool: dicts[i].get(keys[i]) is values[i] for every i
+// (dict.get's lookup: a dict subclass's own __getitem__ is not called), the three lists of one
+// length.
+static PyObject* lookups_are(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (!check_args("lookups_are", args, nargs, 3)) return nullptr;
+  PyObject *dicts = args[0], *keys = args[1], *values = args[2];
+  if (!PyList_Check(dicts) || !PyList_Check(keys) || !PyList_Check(values) ||
+      PyList_GET_SIZE(keys) != PyList_GET_SIZE(dicts) ||
+      PyList_GET_SIZE(values) != PyList_GET_SIZE(dicts)) {
+    PyErr_SetString(PyExc_TypeError, "lookups_are(dicts, keys, values): three lists of one length");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(dicts);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* d = PyList_GET_ITEM(dicts, i);
+    PyObject* k = PyList_GET_ITEM(keys, i);
+    if (!PyDict_Check(d) || !PyUnicode_CheckExact(k)) {
+      PyErr_SetString(PyExc_TypeError, "lookups_are: dicts must hold dicts and keys str");
+      return nullptr;
+    }
+    // A str key's lookup runs no Python code unless the dict holds a non-str key of the same
+    // hash (whose __eq__ could change the lists): d and k are held, and the sizes read again.
+    Py_INCREF(d);
+    Py_INCREF(k);
+    PyObject* found = PyDict_GetItemWithError(d, k);   // borrowed; nullptr: missing or error
+    const bool failed = found == nullptr && PyErr_Occurred();
+    Py_DECREF(k);
+    Py_DECREF(d);
+    if (failed) return nullptr;
+    if (i >= PyList_GET_SIZE(values)) Py_RETURN_FALSE;
+    // compared, never followed (dict.get's default: None for a missing key)
+    if ((found != nullptr ? found : Py_None) != PyList_GET_ITEM(values, i)) Py_RETURN_FALSE;
+    if (PyList_GET_SIZE(dicts) != n || PyList_GET_SIZE(keys) != n) Py_RETURN_FALSE;
+  }
+  Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"openmp", openmp, METH_NOARGS, "whether the CPU kernels were compiled with OpenMP"},
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "whether the CUDA kernels were compiled in"},
@@ -100,6 +186,10 @@ static PyMethodDef methods[] = {
      "drop the cached CUDA layer tables that no captured graph uses"},
     {"cuda_launch_mode", cuda_launch_mode, METH_VARARGS,
      "the CUDA launch mode (0: a kernel per pass, 1: one kernel per step); with an argument, set it"},
+    {"dict_is", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dict_is)),
+     METH_FASTCALL, "dict_is(d, keys, values): d's items are keys (or None) -> values, in order"},
+    {"lookups_are", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lookups_are)),
+     METH_FASTCALL, "lookups_are(dicts, keys, values): dicts[i].get(keys[i]) is values[i] for all i"},
     {"plan_step",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(spectral_ext::plan_step)),
      METH_FASTCALL,

@@ -202,6 +202,10 @@ CudaStepPlan = torch.classes.spectral_ext.CudaStepPlan if CUDA_KERNELS_ERROR is 
 #: without the custom-class method call (3-4 us of argument handling per call); None without the
 #: C++ extension.
 plan_step = _C.plan_step if CPU_EXTENSION_ERROR is None else None
+#: _C.dict_is(d, keys, values) and _C.lookups_are(dicts, keys, values) (csrc/module.cpp): the
+#: regularizer's per-step identity tests in C; None without the C++ extension (the Python forms).
+dict_is = _C.dict_is if CPU_EXTENSION_ERROR is None else None
+lookups_are = _C.lookups_are if CPU_EXTENSION_ERROR is None else None
 
 
 # ---- the Triton backend (optional) --------------------------------------------------------------

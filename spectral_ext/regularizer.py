@@ -224,7 +224,7 @@ class _Binding:
         self.params = params                # Parameter per weight; None where parametrized
         self.mods = mods                    # the owning modules
         self.dicts = [m._parameters for m in mods]
-        self.keys = keys
+        self.keys = list(keys)
         self.parametrized = parametrized    # {index: module} of parametrized weights
         self.sharded = sharded              # indices of the weights that are DTensors now
         self.tree = edges                   # [(module, its child names, its children)]
@@ -236,6 +236,12 @@ class _Binding:
         """No module registered since, and every module still where it was."""
         if self.generation != _GENERATION[0]:
             return False
+        if _ops.dict_is is not None and not torch.compiler.is_compiling():
+            dict_is = _ops.dict_is    # the same test in C (5 us for 512 children in Python)
+            for mod, names, children in self.tree:
+                if not dict_is(mod._modules, names, children):
+                    return False
+            return True
         for mod, names, children in self.tree:
             d = mod._modules
             if list(d) != names or list(d.values()) != children:
@@ -249,6 +255,8 @@ class _Binding:
             return False
         if torch.compiler.is_compiling():
             return all(d.get(k) is p for d, k, p in zip(self.dicts, self.keys, self.params))
+        if _ops.lookups_are is not None:   # the same test in C (20 us for 512 in Python)
+            return _ops.lookups_are(self.dicts, self.keys, self.params)
         return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.params))
 
 
@@ -658,8 +666,9 @@ class SpectralNormRegularizer(nn.Module):
         None where there is no plan (another backend, DTensor weights)."""
         st = self._plan_state
         bufs = self.vectors._buffers
-        if (st is not None and st[0] is b and st[1] == self.backend and len(bufs) == len(st[2])
-                and all(map(operator.is_, bufs.values(), st[2]))):
+        if st is not None and st[0] is b and st[1] == self.backend and (
+                _ops.dict_is(bufs, None, st[2]) if _ops.dict_is is not None else
+                len(bufs) == len(st[2]) and all(map(operator.is_, bufs.values(), st[2]))):
             return st[3]
         self._plan_state = None
         if b.sharded:

@@ -414,3 +414,58 @@ def test_loading_a_zero_or_non_finite_vector_is_refused(bad):
                                          f"{'zero' if bad == 'zero' else 'not finite'}"):
         reg.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(reg.state_dict().values(), before))
+
+
+# ---- the per-step identity tests in C (csrc/module.cpp: _C.dict_is, _C.lookups_are) ----------
+
+@pytest.mark.skipif(se._ops.dict_is is None, reason="no C++ extension: the Python forms are used")
+def test_the_c_identity_tests_answer_like_their_python_forms():
+    """The regularizer's binding check and plan check call these instead of Python loops; on
+    random dicts with random edits they must give the Python expressions' answers."""
+    from collections import OrderedDict
+    dict_is, lookups_are = se._ops.dict_is, se._ops.lookups_are
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    objs = [object() for _ in range(6)]
+
+    def rand(n):
+        return int(torch.randint(0, n, (), generator=gen))
+
+    for _ in range(300):
+        n = rand(5)
+        d = {f"k{i}": objs[rand(6)] for i in range(n)}
+        keys, values = list(d), list(d.values())
+        edit = rand(6)
+        if edit == 1 and n:                  # a value replaced
+            d[keys[rand(n)]] = object()
+        elif edit == 2 and n:                # a key removed
+            del d[keys[rand(n)]]
+        elif edit == 3:                      # a key added
+            d["new"] = objs[0]
+        elif edit == 4 and n > 1:            # the same items in another order
+            d = dict(reversed(list(d.items())))
+        elif edit == 5 and n:                # an equal key that is another str object
+            keys[0] = "".join(["k", keys[0][1:]])
+        py = list(d) == keys and len(d) == len(values) and all(
+            a is b for a, b in zip(d.values(), values))
+        assert dict_is(d, keys, values) == py
+        assert dict_is(d, None, values) == (len(d) == len(values) and all(
+            a is b for a, b in zip(d.values(), values)))
+        ds = [d if rand(2) else {k: v for k, v in d.items()} for _ in range(len(keys))]
+        probe = [k if rand(4) else "missing" for k in keys]
+        vals = [dd.get(k) for dd, k in zip(ds, probe)]
+        if vals and rand(3) == 0:
+            vals[rand(len(vals))] = object()
+        assert lookups_are(ds, probe, vals) == all(
+            dd.get(k) is v for dd, k, v in zip(ds, probe, vals))
+    od = OrderedDict(a=objs[0], b=objs[1])
+    od.move_to_end("a")                      # its order is not the storage's: never "the same"
+    assert not dict_is(od, ["b", "a"], [objs[1], objs[0]])
+    assert lookups_are([od], ["a"], [objs[0]])
+    with pytest.raises(TypeError, match="must be lists"):
+        dict_is({}, (), [])
+    with pytest.raises(TypeError, match="three lists of one length"):
+        lookups_are([{}], ["a", "b"], [None])
+    with pytest.raises(TypeError, match="dicts must hold dicts and keys str"):
+        lookups_are([{}], [1], [None])
+    with pytest.raises(TypeError, match="takes 3 arguments"):
+        dict_is({}, None)
