@@ -84,17 +84,22 @@ bench-suite: install
 	$(RUN) $(VENV)/bin/pytest benchmarks -p no:cacheprovider -q --benchmark-only $(ARGS)
 
 # CMakeLists.txt builds the same sources (checked in CI so it does not rot), here as the portable
-# (-march baseline) variant, so both configurations are compiled in CI
+# (-march baseline) variant, so both configurations are compiled in CI; the build is loaded under
+# the checkout's Python package and steps a plan through plan_step (its pybind11 cast of the plan
+# must find torch's ScriptObject type: a mismatched pybind11 ABI would fail here)
 cmake-check: setup
 	rm -rf build-cmake
 	$(RUN) cmake -S . -B build-cmake -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DSPECTRAL_EXT_CPU_ARCH= \
 	  $(if $(wildcard $(CUDA_HOME)/bin/nvcc),-DCMAKE_CUDA_COMPILER=$(CUDA_HOME)/bin/nvcc) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 	$(RUN) cmake --build build-cmake
-	$(RUN) $(PY) -P -c "import sys, glob; sys.path.insert(0, 'build-cmake'); import importlib.util as u; \
+	$(RUN) $(PY) -P -c "import sys, glob; sys.path.insert(0, '.'); import importlib.util as u; \
 	  import torch; spec = u.spec_from_file_location('spectral_ext._C', glob.glob('build-cmake/_C*.so')[0]); \
-	  m = u.module_from_spec(spec); spec.loader.exec_module(m); \
-	  print('cmake build loads; openmp =', m.openmp(), '; cuda kernels =', m.cuda_compiled(), m.cuda_archs())"
+	  m = u.module_from_spec(spec); spec.loader.exec_module(m); sys.modules['spectral_ext._C'] = m; \
+	  import spectral_ext as se; ws = [torch.randn(5, 4, requires_grad=True)]; \
+	  sig = m.plan_step(se.functional.make_step_plan(ws, se.init_vectors(ws)), 0.1, 1); \
+	  assert sig.shape == (1,) and ws[0].grad.abs().sum() > 0, 'plan_step of the cmake build'; \
+	  print('cmake build loads and steps a plan; openmp =', m.openmp(), '; cuda kernels =', m.cuda_compiled(), m.cuda_archs())"
 
 # on a machine with a CUDA GPU and its own torch (no venv): build from source, then the stages
 # asked for (STAGES=sanitize,test,bench: compute-sanitizer, the native suite, the GPU table),
