@@ -107,10 +107,11 @@ static bool same_key(PyObject* a, PyObject* b) {
   return PyUnicode_CheckExact(a) && PyUnicode_CheckExact(b) && PyUnicode_Compare(a, b) == 0;
 }
 
-// dict_is(d, keys, values) -> bool: d is a plain dict whose items are, in order, keys[i] (equal
-// str) -> values[i] (the same object); keys None: the values alone.  (list(d) == keys and
-// all(map(operator.is_, d.values(), values)), and len(d) == len(values).)  False for a dict
-// subclass: its own order may differ from the storage's.
+// dict_is(d, keys, values) -> bool | None: whether d's items are, in order, keys[i] (equal str)
+// -> values[i] (the same object); keys None: the values alone.  (len(d) == len(values),
+// list(d) == keys and all(map(operator.is_, d.values(), values)).)  None (cannot tell here) for
+// anything but a plain dict: a subclass's own order (OrderedDict.move_to_end) may differ from
+// the storage's that PyDict_Next walks; the caller then asks Python.
 static PyObject* dict_is(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!check_args("dict_is", args, nargs, 3)) return nullptr;
   PyObject *d = args[0], *keys = args[1], *values = args[2];
@@ -119,7 +120,7 @@ static PyObject* dict_is(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                     "be lists");
     return nullptr;
   }
-  if (!PyDict_CheckExact(d)) Py_RETURN_FALSE;
+  if (!PyDict_CheckExact(d)) Py_RETURN_NONE;
   const Py_ssize_t n = PyList_GET_SIZE(values);
   if (PyDict_GET_SIZE(d) != n || (keys != Py_None && PyList_GET_SIZE(keys) != n)) {
     Py_RETURN_FALSE;
@@ -142,10 +143,13 @@ static PyObject* dict_is(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 static PyObject* lookups_are(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!check_args("lookups_are", args, nargs, 3)) return nullptr;
   PyObject *dicts = args[0], *keys = args[1], *values = args[2];
-  if (!PyList_Check(dicts) || !PyList_Check(keys) || !PyList_Check(values) ||
-      PyList_GET_SIZE(keys) != PyList_GET_SIZE(dicts) ||
+  if (!PyList_Check(dicts) || !PyList_Check(keys) || !PyList_Check(values)) {
+    PyErr_SetString(PyExc_TypeError, "lookups_are(dicts, keys, values): three lists");
+    return nullptr;
+  }
+  if (PyList_GET_SIZE(keys) != PyList_GET_SIZE(dicts) ||
       PyList_GET_SIZE(values) != PyList_GET_SIZE(dicts)) {
-    PyErr_SetString(PyExc_TypeError, "lookups_are(dicts, keys, values): three lists of one length");
+    PyErr_SetString(PyExc_ValueError, "lookups_are(dicts, keys, values): lists of one length");
     return nullptr;
   }
   const Py_ssize_t n = PyList_GET_SIZE(dicts);
@@ -187,7 +191,9 @@ static PyMethodDef methods[] = {
     {"cuda_launch_mode", cuda_launch_mode, METH_VARARGS,
      "the CUDA launch mode (0: a kernel per pass, 1: one kernel per step); with an argument, set it"},
     {"dict_is", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dict_is)),
-     METH_FASTCALL, "dict_is(d, keys, values): d's items are keys (or None) -> values, in order"},
+     METH_FASTCALL,
+     "dict_is(d, keys, values): d's items are keys (or None) -> values, in order; None for a "
+     "dict subclass (cannot tell)"},
     {"lookups_are", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lookups_are)),
      METH_FASTCALL, "lookups_are(dicts, keys, values): dicts[i].get(keys[i]) is values[i] for all i"},
     {"plan_step",

@@ -62,26 +62,25 @@ PyObject* plan_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   StepPlan* plan = nullptr;
   const auto held = plan_of(args[0], &plan);
   if (!held) return nullptr;
-  // the method's conversions: a float (or int) lam, an int (not a bool, not a float) n_iter
-  if (!PyFloat_Check(args[1]) && !PyLong_Check(args[1])) {
+  // Python's number conversions, as the method accepts them: lam anything with __float__ (or
+  // __index__), n_iter anything with __index__ (an int, a bool, a NumPy integer; not a float)
+  const double lam = PyFloat_AsDouble(args[1]);
+  if (lam == -1.0 && PyErr_Occurred()) {
     PyErr_Format(PyExc_TypeError, "plan_step: lam must be a float, got %s",
                  Py_TYPE(args[1])->tp_name);
     return nullptr;
   }
-  const double lam = PyFloat_AsDouble(args[1]);
-  if (lam == -1.0 && PyErr_Occurred()) return nullptr;
-  if (!PyLong_Check(args[2]) || PyBool_Check(args[2])) {
+  int overflow = 0;
+  const long long n_iter = PyLong_AsLongLongAndOverflow(args[2], &overflow);
+  if (n_iter == -1 && PyErr_Occurred()) {
     PyErr_Format(PyExc_TypeError, "plan_step: n_iter must be an int, got %s",
                  Py_TYPE(args[2])->tp_name);
     return nullptr;
   }
-  int overflow = 0;
-  const long long n_iter = PyLong_AsLongLongAndOverflow(args[2], &overflow);
   if (overflow != 0) {
     PyErr_SetString(PyExc_ValueError, "plan_step: n_iter does not fit in 64 bits");
     return nullptr;
   }
-  if (n_iter == -1 && PyErr_Occurred()) return nullptr;
   std::optional<at::Tensor> sigma;
   {
     pybind11::gil_scoped_release no_gil;

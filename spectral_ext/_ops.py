@@ -198,14 +198,20 @@ CpuStepPlan = torch.classes.spectral_ext.CpuStepPlan if CPU_EXTENSION_ERROR is N
 #: torch.classes.spectral_ext.CudaStepPlan (csrc/cuda/binding.cpp): the same for the CUDA kernels;
 #: None when they are not compiled in.
 CudaStepPlan = torch.classes.spectral_ext.CudaStepPlan if CUDA_KERNELS_ERROR is None else None
+
+
+def _plan_step_method(plan, lam, n_iter):
+    return plan.step(lam, n_iter)
+
+
 #: spectral_ext._C.plan_step(plan, lam, n_iter) (csrc/plan_entry.cpp): plan.step(lam, n_iter)
-#: without the custom-class method call (3-4 us of argument handling per call); None without the
-#: C++ extension.
-plan_step = _C.plan_step if CPU_EXTENSION_ERROR is None else None
+#: without the custom-class method call (3-4 us of argument handling per call); the method where
+#: the extension predates it (a stale in-place build), None without the C++ extension.
+plan_step = getattr(_C, "plan_step", _plan_step_method) if CPU_EXTENSION_ERROR is None else None
 #: _C.dict_is(d, keys, values) and _C.lookups_are(dicts, keys, values) (csrc/module.cpp): the
-#: regularizer's per-step identity tests in C; None without the C++ extension (the Python forms).
-dict_is = _C.dict_is if CPU_EXTENSION_ERROR is None else None
-lookups_are = _C.lookups_are if CPU_EXTENSION_ERROR is None else None
+#: regularizer's per-step identity tests in C; None without them (the Python forms are used).
+dict_is = getattr(_C, "dict_is", None) if CPU_EXTENSION_ERROR is None else None
+lookups_are = getattr(_C, "lookups_are", None) if CPU_EXTENSION_ERROR is None else None
 
 
 # ---- the Triton backend (optional) --------------------------------------------------------------

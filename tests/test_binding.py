@@ -457,15 +457,41 @@ def test_the_c_identity_tests_answer_like_their_python_forms():
             vals[rand(len(vals))] = object()
         assert lookups_are(ds, probe, vals) == all(
             dd.get(k) is v for dd, k, v in zip(ds, probe, vals))
+    from spectral_ext.regularizer import _dict_is
     od = OrderedDict(a=objs[0], b=objs[1])
-    od.move_to_end("a")                      # its order is not the storage's: never "the same"
-    assert not dict_is(od, ["b", "a"], [objs[1], objs[0]])
+    od.move_to_end("a")                 # its order is not the storage's: C cannot tell (None),
+    assert dict_is(od, ["b", "a"], [objs[1], objs[0]]) is None          # Python answers
+    assert _dict_is(od, ["b", "a"], [objs[1], objs[0]])
+    assert not _dict_is(od, ["a", "b"], [objs[0], objs[1]])
     assert lookups_are([od], ["a"], [objs[0]])
     with pytest.raises(TypeError, match="must be lists"):
         dict_is({}, (), [])
-    with pytest.raises(TypeError, match="three lists of one length"):
+    with pytest.raises(TypeError, match="three lists"):
+        lookups_are([{}], ("a",), [None])
+    with pytest.raises(ValueError, match="lists of one length"):
         lookups_are([{}], ["a", "b"], [None])
     with pytest.raises(TypeError, match="dicts must hold dicts and keys str"):
         lookups_are([{}], [1], [None])
     with pytest.raises(TypeError, match="takes 3 arguments"):
         dict_is({}, None)
+
+
+def test_ordered_dict_children_keep_the_binding_and_the_plan():
+    """A model whose _modules are OrderedDicts (pickled whole by torch < 2.0): the C test cannot
+    tell (csrc/module.cpp: dict_is gives None) and Python answers, so the binding and the plan
+    are kept from step to step, and a child swapped in the OrderedDict is still noticed."""
+    from collections import OrderedDict
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)), nn.Linear(3, 2))
+    for m in model.modules():
+        m._modules = OrderedDict(m._modules)
+    reg = se.SpectralNormRegularizer(model, lam=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    reg.step()
+    binding, plan_state = reg._binding, reg._plan_state
+    for _ in range(2):
+        reg.step()
+        assert reg._binding is binding and reg._plan_state is plan_state
+    model[0]._modules["1"] = nn.Linear(5, 3)    # no hook fires
+    assert reg.weights[1] is model[0][1].weight
+    _check_step_regularizes(model, reg)

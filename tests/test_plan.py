@@ -356,13 +356,14 @@ def test_missing_and_bad_grads_together_create_nothing():
     assert ws[0].grad is None
 
 
-def _scalars_raise_like_the_op(op, plan, ws, vs, cases):
-    """For each (lam, n_iter): the op and the plan raise the same ValueError, changing nothing."""
+def _scalars_raise_like_the_op(op, plan, ws, vs, cases, direct=plan_step):
+    """For each (lam, n_iter): the op and the plan, through its method and through the direct
+    call `direct`, raise the same ValueError, changing nothing."""
     for lam, n_iter in cases:
         snap = _snapshot(ws, vs)
         with pytest.raises(ValueError) as op_err:
             op(ws, vs, [w.grad for w in ws], lam, n_iter)
-        for entry in (plan.step, lambda lam, n_iter: plan_step(plan, lam, n_iter)):
+        for entry in (plan.step, lambda lam, n_iter: direct(plan, lam, n_iter)):
             with pytest.raises(ValueError) as plan_err:
                 entry(lam, n_iter)
             assert str(plan_err.value) == str(op_err.value)
@@ -376,22 +377,28 @@ def test_bad_lam_and_n_iter_raise_like_the_op():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
 def test_plan_step_refuses_what_is_not_a_plan_or_its_arguments():
     """plan_step's own checks (csrc/plan_entry.cpp): a clear TypeError/ValueError for anything
-    but a plan and (float, int), never a crash; nothing is stepped."""
+    but a plan and two numbers, never a crash; nothing is stepped.  It converts the numbers as
+    the method does (what has __float__ / __index__)."""
     ws, vs = _small()
     plan = make_step_plan(ws, vs)
     snap = _snapshot(ws, vs)
-    # the last: a ScriptObject (torch._C.ScriptModule) that holds no StepPlan
     not_plans = [None, ws[0], "plan", torch.classes.spectral_ext.CpuStepPlan,
-                 torch.jit.script(nn.Linear(2, 2))._c]
+                 torch.jit.script(nn.Linear(2, 2))._c]   # a ScriptObject of many slots
+    try:    # a custom-class object of one slot that is not a StepPlan (the dynamic_cast)
+        not_plans.append(torch.ops.quantized.linear_prepack(
+            torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8), None))
+    except (RuntimeError, AttributeError, NotImplementedError):  # pragma: no cover
+        pass    # a torch without a quantized engine: the other cases still run
     for obj in not_plans:
         with pytest.raises(TypeError, match="expected a step plan"):
             _ops.plan_step(obj, LAM, 1)
-    for lam, n_iter, err, msg in (("0.1", 1, TypeError, "lam must be a float"),
-                                  (None, 1, TypeError, "lam must be a float"),
-                                  (LAM, 1.0, TypeError, "n_iter must be an int"),
-                                  (LAM, True, TypeError, "n_iter must be an int"),
+    for lam, n_iter, err, msg in (("0.1", 1, TypeError, "lam must be a float, got str"),
+                                  (None, 1, TypeError, "lam must be a float, got NoneType"),
+                                  (LAM, 1.0, TypeError, "n_iter must be an int, got float"),
+                                  (LAM, "1", TypeError, "n_iter must be an int, got str"),
                                   (LAM, 2**64, ValueError, "does not fit in 64 bits")):
         with pytest.raises(err, match=msg):
             _ops.plan_step(plan, lam, n_iter)
@@ -399,7 +406,16 @@ def test_plan_step_refuses_what_is_not_a_plan_or_its_arguments():
         with pytest.raises(TypeError, match="takes 3 arguments"):
             _ops.plan_step(*args)
     _unchanged(ws, vs, snap)
-    assert plan_step(plan, 1, 1) is not None        # an int lam is a float, as for the method
+    # numbers the method takes too: an int lam, a 0-d tensor lam, an __index__ n_iter
+    ws2, vs2 = _twin(ws, vs)
+    plan2 = make_step_plan(ws2, vs2)
+
+    class Two:
+        def __index__(self):
+            return 2
+
+    for lam, n_iter in ((1, 1), (torch.tensor(LAM), Two())):
+        _assert_same(ws, vs, ws2, vs2, plan_step(plan, lam, n_iter), plan2.step(lam, n_iter))
 
 
 def test_no_plan_for_other_backends():
@@ -530,12 +546,18 @@ def _change(how, model, reg, sd):
     elif how == "vector_assigned":
         key = reg._keys[1]
         reg.vectors._buffers[key] = reg.vectors._buffers[key].clone()
+    elif how == "parameters_dict":  # no hook fires (what fully_shard and to_empty do)
+        model.fc1._parameters["weight"] = nn.Parameter(sd["fc1.weight"].clone())
     return model
 
 
+@pytest.mark.parametrize("c_checks", [True, False], ids=["C checks", "Python checks"])
 @pytest.mark.parametrize("how", ["setattr", "load_state_dict_assign", "attach", "double",
-                                 "reg_apply", "vector_assigned"])
-def test_the_plan_is_rebuilt_when_the_binding_changes(how):
+                                 "reg_apply", "vector_assigned", "parameters_dict"])
+def test_the_plan_is_rebuilt_when_the_binding_changes(how, c_checks, monkeypatch):
+    if not c_checks:    # the regularizer's Python forms of its identity tests (no C helpers)
+        monkeypatch.setattr(_ops, "dict_is", None)
+        monkeypatch.setattr(_ops, "lookups_are", None)
     model = Net()
     reg = se.SpectralNormRegularizer(model)
     reg.step()
@@ -556,7 +578,7 @@ def test_the_plan_is_rebuilt_when_the_binding_changes(how):
             "the plan did not check the weights' new data"
     else:
         assert _plan_of(reg) is not plan, "the plan was not rebuilt"
-    if how in ("setattr", "load_state_dict_assign", "attach"):
+    if how in ("setattr", "load_state_dict_assign", "attach", "parameters_dict"):
         assert torch.equal(old_weight.grad, old_grad), "the replaced weight's .grad was written"
     _steps_equal(reg, model, reg2, model2)   # and keeps working
 
@@ -708,7 +730,7 @@ def test_cuda_plan_reuses_its_tables_and_raises_the_ops_errors():
     plan.step(LAM, 1)
     assert ops.cached_plans() == 2 and plan.full_checks() == 2
     _scalars_raise_like_the_op(ops.fused_step, plan, ws, vs,
-                               ((-1.0, 1), (LAM, 0), (LAM, 2000000)))
+                               ((-1.0, 1), (LAM, 0), (LAM, 2000000)), direct=_emu_plan_step)
     buf = torch.randn(64)             # a gradient overlapping another: the op's error
     ws[0].grad, ws[1].grad = buf[:24].view(4, 6), buf[20:44].view(3, 2, 2, 2)
     snap = _snapshot(ws, vs)
