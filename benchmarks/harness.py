@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spectral_ext as se
-from spectral_ext.functional import make_step_plan
+from spectral_ext.functional import make_step_plan, plan_step
 
 from .models import SETS
 from .naive import GroupPlan, grouped_step, naive_outer_step, naive_step
@@ -98,9 +98,10 @@ def make_impls(weights: Sequence[torch.Tensor], names: Sequence[str], n_iter: in
 
 
 def _plan_step(weights, vs, backend, lam, n_iter) -> Callable[[], torch.Tensor]:
-    """A step through the backend's persistent plan.  A plan steps weights that require grad
-    (it declines others): leaves sharing each weight's memory, with the weight's own .grad
-    tensor as theirs, so it adds into the same gradients as the other columns."""
+    """A step through the backend's persistent plan, called as the regularizer calls it
+    (functional.plan_step).  A plan steps weights that require grad (it declines others): leaves
+    sharing each weight's memory, with the weight's own .grad tensor as theirs, so it adds into
+    the same gradients as the other columns."""
     leaves = []
     for w in weights:
         leaf = w.detach().requires_grad_()
@@ -109,7 +110,7 @@ def _plan_step(weights, vs, backend, lam, n_iter) -> Callable[[], torch.Tensor]:
     plan = make_step_plan(leaves, vs, backend=backend)
 
     def step():
-        sigma = plan.step(lam, n_iter)
+        sigma = plan_step(plan, lam, n_iter)
         if sigma is None:
             raise RuntimeError(f"the {backend} step plan declined the benchmark's weights")
         return sigma
