@@ -8,7 +8,8 @@
 #             times, bitwise equal each time (what racecheck cannot see: inter-block ordering);
 #   test      the whole test suite natively (CUDA and Triton kernels on the GPU, launches counted
 #             by torch.profiler, CUDA-graph replay) and the benchmark suites once;
-#   bench     the benchmark table (float32 and bfloat16, launches per step, /floor) with JSON.
+#   bench     the benchmark table (float32 and bfloat16, launches per step, /floor) with JSON,
+#             then reg.step() eager and graph-replayed (benchmarks/step_plan.py --device cuda).
 # Everything goes to $OUT (the device tool brings it back).  The lent machine has torch
 # 2.11+cu130, triton 3.6.0, pytest, pytest-benchmark, nvcc and compute-sanitizer, and no
 # registry: nothing is installed from the network.
@@ -104,6 +105,16 @@ if want bench && room "benchmark table"; then
   env -u TRITON_INTERPRET timeout "$(limit "${BENCH_TIMEOUT:-420}")" $PY -P -c "import runpy, sys; sys.path.append('.'); runpy.run_module('benchmarks', run_name='__main__', alter_sys=True)" \
     --devices cuda --dtype float32,bfloat16 --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
   rc=$?; cat "$OUT/bench.txt"; echo "exit $rc"
+  [ "$rc" = 0 ] || status=1
+fi
+
+if want bench && room "regularizer step"; then
+  # reg.step() on 512 x 64x64: eager (the plan through plan_step) and graph-replayed, against the
+  # floor and the naive loop (issue 14: <= 40 us eager, <= 20 us replayed)
+  stage "regularizer step (benchmarks/step_plan.py --device cuda)"
+  timeout "$(limit "${STEP_TIMEOUT:-120}")" $PY -P benchmarks/step_plan.py --device cuda --rounds 21 \
+    > "$OUT/step_plan.txt" 2>&1
+  rc=$?; cat "$OUT/step_plan.txt"; echo "exit $rc"
   [ "$rc" = 0 ] || status=1
 fi
 stage "done: gpu_check status $status"

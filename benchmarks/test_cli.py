@@ -44,3 +44,32 @@ def test_cli_from_the_repository_root_uses_the_installed_package():
     path, err = out.stdout.split()[0], out.stdout.split(maxsplit=1)[1].strip()
     assert not path.startswith(os.path.join(root, "spectral_ext")), path
     assert err == "None", err
+
+
+def test_step_plan_script_prints_every_column(monkeypatch, capsys):
+    """benchmarks/step_plan.py (the plan's and reg.step()'s numbers in RESULTS.md) on a tiny set:
+    every column measured, and the regularizer really stepped through its plan."""
+    import sys
+    from . import step_plan
+    monkeypatch.setattr(sys, "argv", ["step_plan.py", "--layers", "6", "--size", "3",
+                                      "--rounds", "5", "--threads", "1"])
+    step_plan.main()
+    text = capsys.readouterr().out
+    for column in ("naive", "functional", "reg op path", "reg plan", "plan.step", "plan_step"):
+        assert f"\n  {column} " in text, column
+    assert "full input checks run 1 time(s)" in text
+
+
+def test_cuda_host_path_script_prints_every_column(capsys):
+    """benchmarks/cuda_host_path.py (the host-path target's measurement) through the CUDA
+    emulation: the three columns for each layer count."""
+    import pytest
+    from tests import cuda_emulation
+    reason = cuda_emulation.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from . import cuda_host_path
+    cuda_host_path.main()
+    text = capsys.readouterr().out
+    for n in (1, 40, 512):
+        assert f"{n:4d} layers of 64x64: op" in text and "plan_step" in text
