@@ -292,7 +292,10 @@ def make_step_plan(weights: Sequence[torch.Tensor], vs: Sequence[torch.Tensor], 
 def plan_step(plan, lam: float, n_iter: int = 1) -> Optional[torch.Tensor]:
     """``plan.step(lam, n_iter)`` for a plan from :func:`make_step_plan`, called directly (one
     C function: about 1 us where the method costs 4-5 us before the step starts).  The same
-    results, errors and None (declined: call ``fused_step``)."""
+    results, the same errors from the step (bad lam or n_iter values, bad tensors) and None
+    (declined: call ``fused_step``).  Its own: a TypeError for anything but a plan, a lam
+    without ``__float__`` or an n_iter without ``__index__``; a ValueError for an n_iter beyond
+    64 bits."""
     if _ops.plan_step is None:
         raise RuntimeError(_ops.CPU_EXTENSION_ERROR)
     return _ops.plan_step(plan, lam, n_iter)
