@@ -37,6 +37,7 @@
 
 #include <cstdint>
 #include <exception>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -138,13 +139,22 @@ class PlanTensors {
   // If the step fails after begin() (the backend's preparation threw: a refused capture, out of
   // memory), the snapshot no longer describes what the backend has prepared: it is dropped, so
   // the next step runs the full checks and the backend prepares everything again (kAll).
+  // Steps of one plan are serialized: both ways of calling a step release the GIL, so two
+  // threads stepping the same plan would otherwise race on its snapshot and tables (the lock is
+  // taken before begin() and released after end(); uncontended it costs a few nanoseconds).
   struct Step {
     Step(PlanTensors& t, int64_t n_iter, c10::DeviceType type)
-        : t(t), change(t.begin(n_iter, type)), exceptions_(std::uncaught_exceptions()) {}
+        : lock_(t.mutex_), t(t), change(t.begin(n_iter, type)),
+          exceptions_(std::uncaught_exceptions()) {}
     ~Step() {
       if (std::uncaught_exceptions() > exceptions_) t.valid_ = false;
       t.end();
     }
+
+   private:
+    std::unique_lock<std::mutex> lock_;   // first: held for the whole step of the caller
+
+   public:
     PlanTensors& t;
     const Change change;
 
@@ -330,6 +340,7 @@ class PlanTensors {
   std::vector<LayerMeta> meta_;
   std::vector<int64_t> dims_;   // the snapshot's sizes and strides, in the order of meta_
   bool valid_ = false;
+  std::mutex mutex_;   // held by a Step
   int64_t full_checks_ = 0;
 };
 
