@@ -39,7 +39,7 @@ def main():
         sig_buf.copy_(se.fused_step(weights, vs, lam=reg.lam, backend=args.backend))
 
     reg_op = se.SpectralNormRegularizer(model, backend=args.backend)
-    reg_op._step_plan = lambda b: None          # the op path, as before the plan
+    reg_op._step_plan = lambda b, active=None: None          # the op path, as before the plan
     fns = {"bare fused_step": bare, "reg.step() op path": reg_op.step, "reg.step()": reg.step}
     for fn in fns.values():
         for _ in range(10):

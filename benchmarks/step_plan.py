@@ -60,7 +60,7 @@ def main():
     weights = list(model.parameters())
     reg_plan = se.SpectralNormRegularizer(model, lam=harness.LAM)
     reg_op = se.SpectralNormRegularizer(model, lam=harness.LAM)
-    reg_op._step_plan = lambda b: None          # the op path: what step() did before
+    reg_op._step_plan = lambda b, active=None: None          # the op path: what step() did before
     vs_fn = se.init_vectors(weights)
     vs_naive = [v.to(w.dtype) for v, w in zip(se.init_vectors(weights), weights)]
     plan = make_step_plan(weights, se.init_vectors(weights))

@@ -384,7 +384,8 @@ class SpectralNormRegularizer(nn.Module):
         _install_hooks()
         self._model = _ModelRef(model)
         self._binding: Optional[_Binding] = None
-        # (binding, backend, vectors, plan) of the eager fast path (see _step_plan)
+        # (binding, backend, the vector buffers, plan, indices of its weights or None: all) of the
+        # eager fast path (see _step_plan)
         self._plan_state: Optional[Tuple] = None
         self._index_cache: Dict[Tuple, torch.Tensor] = {}
         self._conv: Optional[_conv.OperatorMode] = None
@@ -632,14 +633,10 @@ class SpectralNormRegularizer(nn.Module):
             self._plan_state = None
         elif self._conv is None and b.uniform and not torch.compiler.is_compiling():
             # Eager: the persistent plan where the backend has one (no tensor lists passed, no
-            # checks repeated while nothing changed; bitwise the op's results).  It declines
-            # (None, nothing done) when a weight is frozen or left the plan's device: then as
-            # below.
-            plan = self._step_plan(b)
-            # (_ops.plan_step: plan.step without the custom-class method's overhead)
-            sig = _ops.plan_step(plan, self.lam, self.n_iter) if plan is not None else None
+            # checks repeated while nothing changed; bitwise the op's results); None where no
+            # plan stepped (nothing done): then as below.
+            sig = self._plan_step(b)
             if sig is not None:
-                self.last_sigma.copy_(sig)
                 return sig
         vs = self.vs()
         if self._conv is not None:
@@ -667,23 +664,60 @@ class SpectralNormRegularizer(nn.Module):
                              str(exc))
                 raise type(exc)(f"the sharded (DTensor) weights: {msg}") from None
 
-    def _step_plan(self, b: _Binding):
-        """The step plan (functional.make_step_plan) of the weights of binding ``b`` and the
-        vectors, built on first use and kept while both are the same objects: a rebinding (a
-        Parameter replaced, attach, load_state_dict(assign=True), a submodule swapped) makes a
-        new binding, and a vector replaced (reg.to(), load_state_dict(assign=True) on the
-        regularizer, a device move, a write into ``vectors._buffers``) fails the identity test,
-        made on the buffer dict's values in their order (no list of vectors built per step).
-        None where there is no plan (another backend, DTensor weights)."""
+    def _plan_step(self, b: _Binding) -> Optional[torch.Tensor]:
+        """step() through a persistent plan (binding ``b``: uniform, eager): sigma per covered
+        weight, last_sigma updated; None where no plan stepped, having done nothing.  Every
+        weight requires grad (the common case): the plan of all weights.  Some are frozen: a
+        plan of the active ones (the op path's results for them, bit for bit), kept while the
+        same ones are active; the plan of all weights declines, having done nothing, as soon as
+        it meets a frozen weight, and while a plan of the active ones is kept the active set is
+        read anew every step (a weight unfrozen comes back)."""
+        st = self._plan_state
+        if st is None or st[4] is None:
+            plan = self._step_plan(b)
+            # (_ops.plan_step: plan.step without the custom-class method's overhead)
+            sig = _ops.plan_step(plan, self.lam, self.n_iter) if plan is not None else None
+            if sig is not None:
+                self.last_sigma.copy_(sig)
+                return sig
+            if plan is None:
+                return None
+            # declined: a frozen weight (or the weights left the plan's device)
+        active = self._active(b)
+        if not active:
+            return None
+        key = None if len(active) == len(b.params) else tuple(active)
+        plan = self._step_plan(b, key)
+        sig = _ops.plan_step(plan, self.lam, self.n_iter) if plan is not None else None
+        if sig is None or key is None:
+            if sig is not None:
+                self.last_sigma.copy_(sig)
+            return sig
+        return self._record(active, active, [sig])
+
+    def _step_plan(self, b: _Binding, active: Optional[Tuple[int, ...]] = None):
+        """The step plan (functional.make_step_plan) of the weights of binding ``b`` (those at
+        the indices ``active``; None: all) and their vectors, built on first use and kept while
+        all are the same objects: a rebinding (a Parameter replaced, attach,
+        load_state_dict(assign=True), a submodule swapped) makes a new binding, and a vector
+        replaced (reg.to(), load_state_dict(assign=True) on the regularizer, a device move, a
+        write into ``vectors._buffers``) fails the identity test, made on the buffer dict's
+        values in their order (no list of vectors built per step).  One plan is kept: asking for
+        another set of weights replaces it.  None where there is no plan (another backend,
+        DTensor weights)."""
         st = self._plan_state
         bufs = self.vectors._buffers
-        if st is not None and st[0] is b and st[1] == self.backend and _dict_is(bufs, None, st[2]):
+        if st is not None and st[0] is b and st[1] == self.backend and st[4] == active \
+                and _dict_is(bufs, None, st[2]):
             return st[3]
         self._plan_state = None
         if b.sharded:
             return None
-        plan = make_step_plan(b.params, self.vs(), backend=self.backend)
-        self._plan_state = (b, self.backend, list(bufs.values()), plan)
+        weights, vs = b.params, self.vs()
+        if active is not None:
+            weights, vs = [weights[i] for i in active], [vs[i] for i in active]
+        plan = make_step_plan(weights, vs, backend=self.backend)
+        self._plan_state = (b, self.backend, list(bufs.values()), plan, active)
         return plan
 
     def _matricized_step(self, b: _Binding, vs, active: List[int]):

@@ -481,7 +481,7 @@ class Net(nn.Module):
 
 def _op_only(reg):
     """Force the op path (what step() did before the plan): the reference for the plan."""
-    reg._step_plan = lambda b: None
+    reg._step_plan = lambda b, active=None: None
     return reg
 
 
@@ -536,21 +536,46 @@ def test_grad_none_created_by_the_regularizer():
 
 
 def test_frozen_weights_are_skipped():
+    """Frozen weights: a plan of the active ones (the op path's results, bit for bit), kept
+    while the same ones are active; one unfrozen comes back, another frozen leaves."""
     model = Net()
     model.fc1.weight.requires_grad_(False)
     model2 = copy.deepcopy(model)
     reg = se.SpectralNormRegularizer(model)
     reg2 = _op_only(se.SpectralNormRegularizer(model2))
-    for _ in range(2):
+    plans = []
+    for _ in range(3):
         assert torch.equal(reg.step(), reg2.step())
+        plans.append(_plan_of(reg))
+    assert reg._plan_state[4] == (0, 2)          # conv and fc2: a plan of the active weights
+    assert plans[0] is plans[1] is plans[2] and plans[0].full_checks() == 1
     assert model.fc1.weight.grad is None
-    assert torch.equal(model.conv.weight.grad, model2.conv.weight.grad)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert (p.grad is None) == (p2.grad is None)
+        assert p.grad is None or torch.equal(p.grad, p2.grad)
     assert torch.equal(reg.last_sigma, reg2.last_sigma)
+    for v, v2 in zip(reg.vs(), reg2.vs()):
+        assert torch.equal(v, v2)
     # unfreezing: the plan covers every weight from now on
     model.fc1.weight.requires_grad_(True)
     model2.fc1.weight.requires_grad_(True)
     assert torch.equal(reg.step(), reg2.step())
     assert torch.equal(model.fc1.weight.grad, model2.fc1.weight.grad)
+    assert reg._plan_state[4] is None
+    # another weight frozen: a plan of the others again
+    model.conv.weight.requires_grad_(False)
+    model2.conv.weight.requires_grad_(False)
+    for _ in range(2):
+        assert torch.equal(reg.step(), reg2.step())
+    assert reg._plan_state[4] == (1, 2)
+    assert torch.equal(reg.last_sigma, reg2.last_sigma)
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        assert p.grad is None or torch.equal(p.grad, p2.grad)
+    # all frozen: nothing to step, as on the op path
+    for p, p2 in zip(model.parameters(), model2.parameters()):
+        p.requires_grad_(False)
+        p2.requires_grad_(False)
+    assert reg.step().numel() == 0 and reg2.step().numel() == 0
 
 
 def _copy_with_grads(model):
