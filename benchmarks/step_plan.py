@@ -4,6 +4,7 @@ rounds (benchmarks/harness.py: medians; each round runs a batch of every column 
 
     make install && .venv/bin/python -P benchmarks/step_plan.py [--layers 512] [--size 64]
                                     [--rounds 15] [--threads N] [--device cpu|cuda]
+                                    [--frozen N]
 
 Columns (all on the same weights and .grad tensors, each with its own vectors):
   copy           a 256 MiB copy: the bandwidth the floor is computed from (not printed)
@@ -21,7 +22,8 @@ Columns (all on the same weights and .grad tensors, each with its own vectors):
 The issue-14 targets on a GPU for 512 x 64x64 are read from `reg plan` (eager, <= 40 us) and
 `reg graph` (<= 20 us).
 The floor is benchmarks/harness.floor_bytes (16 bytes per float32 parameter) over the copy's
-bandwidth.  With --size 2 the kernel does almost nothing, so the times are the host path.
+bandwidth.  With --frozen N the first N weights are frozen: the regularizer skips them (through a
+plan of the active weights), and every other column and the floor take the active weights.  With --size 2 the kernel does almost nothing, so the times are the host path.
 """
 
 import argparse
@@ -46,6 +48,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--frozen", type=int, default=0,
+                    help="freeze the first N weights (requires_grad False): the regularizer "
+                         "skips them, the other columns take the active weights")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -55,9 +60,10 @@ def main():
     torch.manual_seed(0)
     model = nn.ModuleList([nn.Linear(args.size, args.size, bias=False)
                            for _ in range(args.layers)]).to(device)
-    for p in model.parameters():
+    for i, p in enumerate(model.parameters()):
         p.grad = torch.zeros_like(p)
-    weights = list(model.parameters())
+        p.requires_grad_(i >= args.frozen)
+    weights = [p for p in model.parameters() if p.requires_grad]   # the active ones
     reg_plan = se.SpectralNormRegularizer(model, lam=harness.LAM)
     reg_op = se.SpectralNormRegularizer(model, lam=harness.LAM)
     reg_op._step_plan = lambda b, active=None: None          # the op path: what step() did before
@@ -88,7 +94,8 @@ def main():
     assert reg_plan._plan_state is not None and reg_plan._plan_state[3] is not None
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"cpu, {torch.get_num_threads()} threads")
-    print(f"{args.layers} x {args.size}x{args.size} float32, {where}, "
+    frozen = f" ({args.frozen} frozen)" if args.frozen else ""
+    print(f"{args.layers}{frozen} x {args.size}x{args.size} float32, {where}, "
           f"torch {torch.__version__}; medians of interleaved rounds; copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s, floor {floor * 1e6:.1f} us")
     print(f"  {'':14s} {'us':>10s} {'/ floor':>8s} {'naive /':>8s}")
