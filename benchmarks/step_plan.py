@@ -92,6 +92,8 @@ def main():
     floor = harness.floor_bytes(weights, 1) / bandwidth
     reg_plan.step()
     assert reg_plan._plan_state is not None and reg_plan._plan_state[3] is not None
+    assert reg_plan._plan_state[4] == (tuple(range(args.frozen, args.layers)) if args.frozen
+                                       else None), "reg.step() did not step the plan expected"
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"cpu, {torch.get_num_threads()} threads")
     frozen = f" ({args.frozen} frozen)" if args.frozen else ""

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from .__main__ import main
 
 
@@ -46,13 +48,15 @@ def test_cli_from_the_repository_root_uses_the_installed_package():
     assert err == "None", err
 
 
-def test_step_plan_script_prints_every_column(monkeypatch, capsys):
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_step_plan_script_prints_every_column(monkeypatch, capsys, frozen):
     """benchmarks/step_plan.py (the plan's and reg.step()'s numbers in RESULTS.md) on a tiny set:
-    every column measured, and the regularizer really stepped through its plan."""
+    every column measured, and the regularizer really stepped through its plan (with frozen
+    weights: a plan of the active ones)."""
     import sys
     from . import step_plan
     monkeypatch.setattr(sys, "argv", ["step_plan.py", "--layers", "6", "--size", "3",
-                                      "--rounds", "5", "--threads", "1"])
+                                      "--rounds", "5", "--threads", "1", "--frozen", str(frozen)])
     step_plan.main()
     text = capsys.readouterr().out
     for column in ("naive", "functional", "reg op path", "reg plan", "plan.step", "plan_step"):
@@ -63,7 +67,6 @@ def test_step_plan_script_prints_every_column(monkeypatch, capsys):
 def test_cuda_host_path_script_prints_every_column(capsys):
     """benchmarks/cuda_host_path.py (the host-path target's measurement) through the CUDA
     emulation: the three columns for each layer count."""
-    import pytest
     from tests import cuda_emulation
     reason = cuda_emulation.unavailable_reason()
     if reason:
