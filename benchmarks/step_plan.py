@@ -52,6 +52,8 @@ def main():
                     help="freeze the first N weights (requires_grad False): the regularizer "
                          "skips them, the other columns take the active weights")
     args = ap.parse_args()
+    if not 0 <= args.frozen < args.layers:
+        ap.error(f"--frozen must be in [0, --layers) = [0, {args.layers}), got {args.frozen}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU here")

@@ -10,7 +10,9 @@
 
 namespace spectral_ext {
 bool cpu_openmp();
-PyObject* plan_step(PyObject* module, PyObject* const* args, Py_ssize_t nargs);   // plan_entry.cpp
+// plan_entry.cpp
+PyObject* plan_step(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
+PyObject* requires_grad_indices(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
 #ifdef SPECTRAL_EXT_WITH_CUDA
 namespace cuda {
 void runtime_info(int* runtime_version, int* driver_version, int* device_count);
@@ -196,6 +198,12 @@ static PyMethodDef methods[] = {
      "dict subclass (cannot tell)"},
     {"lookups_are", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(lookups_are)),
      METH_FASTCALL, "lookups_are(dicts, keys, values): dicts[i].get(keys[i]) is values[i] for all i"},
+    {"requires_grad_indices",
+     reinterpret_cast<PyCFunction>(
+         reinterpret_cast<void (*)()>(spectral_ext::requires_grad_indices)),
+     METH_FASTCALL,
+     "requires_grad_indices(tensors, previous): the indices of the tensors that require grad "
+     "(previous itself when the same)"},
     {"plan_step",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(spectral_ext::plan_step)),
      METH_FASTCALL,

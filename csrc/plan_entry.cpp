@@ -23,6 +23,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <vector>
 
 #include "step_plan.h"
 
@@ -89,6 +90,59 @@ PyObject* plan_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   }
   if (!sigma) Py_RETURN_NONE;
   return THPVariable_Wrap(std::move(*sigma));
+  END_HANDLE_TH_ERRORS
+}
+
+// requires_grad_indices(tensors: list[Tensor], previous: tuple | None) -> tuple[int, ...]: the
+// indices of the tensors that require grad, in order; `previous` itself when it holds exactly
+// those (the regularizer keeps its plan of the active weights while this returns the same
+// object).  The Python form, [i for i, p in enumerate(ps) if p.requires_grad], costs 40 us for
+// 512 Parameters (an attribute lookup through the Parameter subclass each); this reads the
+// TensorImpls.
+PyObject* requires_grad_indices(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2 || !PyList_Check(args[0]) || (args[1] != Py_None && !PyTuple_Check(args[1]))) {
+    PyErr_SetString(PyExc_TypeError, "requires_grad_indices(tensors, previous): a list of "
+                    "tensors and a tuple or None");
+    return nullptr;
+  }
+  PyObject* list = args[0];
+  PyObject* previous = args[1];
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  std::vector<Py_ssize_t> active;
+  active.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* t = PyList_GET_ITEM(list, i);
+    if (!THPVariable_Check(t)) {
+      PyErr_Format(PyExc_TypeError, "requires_grad_indices: item %zd is a %s, not a tensor", i,
+                   Py_TYPE(t)->tp_name);
+      return nullptr;
+    }
+    if (THPVariable_Unpack(t).requires_grad()) active.push_back(i);
+  }
+  if (previous != Py_None && PyTuple_GET_SIZE(previous) == static_cast<Py_ssize_t>(active.size())) {
+    bool same = true;
+    for (size_t k = 0; same && k < active.size(); ++k) {
+      PyObject* x = PyTuple_GET_ITEM(previous, k);
+      same = PyLong_CheckExact(x) && PyLong_AsSsize_t(x) == active[k];
+    }
+    if (PyErr_Occurred()) return nullptr;
+    if (same) {
+      Py_INCREF(previous);
+      return previous;
+    }
+  }
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(active.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t k = 0; k < active.size(); ++k) {
+    PyObject* x = PyLong_FromSsize_t(active[k]);
+    if (x == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(k), x);
+  }
+  return out;
   END_HANDLE_TH_ERRORS
 }
 

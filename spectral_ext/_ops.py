@@ -212,6 +212,9 @@ plan_step = getattr(_C, "plan_step", _plan_step_method) if CPU_EXTENSION_ERROR i
 #: regularizer's per-step identity tests in C; None without them (the Python forms are used).
 dict_is = getattr(_C, "dict_is", None) if CPU_EXTENSION_ERROR is None else None
 lookups_are = getattr(_C, "lookups_are", None) if CPU_EXTENSION_ERROR is None else None
+#: _C.requires_grad_indices(tensors, previous) (csrc/plan_entry.cpp): the regularizer's active set
+requires_grad_indices = (getattr(_C, "requires_grad_indices", None)
+                         if CPU_EXTENSION_ERROR is None else None)
 
 
 # ---- the Triton backend (optional) --------------------------------------------------------------

@@ -42,6 +42,7 @@ since a bfloat16 vector would lose the power iteration's precision.
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import re
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
@@ -673,6 +674,7 @@ class SpectralNormRegularizer(nn.Module):
         it meets a frozen weight, and while a plan of the active ones is kept the active set is
         read anew every step (a weight unfrozen comes back)."""
         st = self._plan_state
+        declined = False
         if st is None or st[4] is None:
             plan = self._step_plan(b)
             # (_ops.plan_step: plan.step without the custom-class method's overhead)
@@ -682,18 +684,25 @@ class SpectralNormRegularizer(nn.Module):
                 return sig
             if plan is None:
                 return None
-            # declined: a frozen weight (or the weights left the plan's device)
-        active = self._active(b)
-        if not active:
+            declined = True     # a frozen weight, or another reason (the op path knows it)
+        # the indices of the active weights (b is uniform: every site a Parameter); the cached
+        # tuple itself while they are the same
+        previous = st[4] if st is not None else None
+        active = (_ops.requires_grad_indices(b.params, previous)
+                  if _ops.requires_grad_indices is not None else
+                  tuple(itertools.compress(range(len(b.params)), map(_requires_grad, b.params))))
+        if not active or (declined and len(active) == len(b.params)):
             return None
-        key = None if len(active) == len(b.params) else tuple(active)
+        key = None if len(active) == len(b.params) else active
         plan = self._step_plan(b, key)
         sig = _ops.plan_step(plan, self.lam, self.n_iter) if plan is not None else None
         if sig is None or key is None:
             if sig is not None:
                 self.last_sigma.copy_(sig)
             return sig
-        return self._record(active, active, [sig])
+        sig = sig.to(self.last_sigma.dtype)      # as _record does, for the active ones
+        self.last_sigma.index_copy_(0, self._index(key), sig)
+        return sig
 
     def _step_plan(self, b: _Binding, active: Optional[Tuple[int, ...]] = None):
         """The step plan (functional.make_step_plan) of the weights of binding ``b`` (those at
@@ -707,8 +716,8 @@ class SpectralNormRegularizer(nn.Module):
         DTensor weights)."""
         st = self._plan_state
         bufs = self.vectors._buffers
-        if st is not None and st[0] is b and st[1] == self.backend and st[4] == active \
-                and _dict_is(bufs, None, st[2]):
+        if st is not None and st[0] is b and st[1] == self.backend and \
+                (st[4] is active or st[4] == active) and _dict_is(bufs, None, st[2]):
             return st[3]
         self._plan_state = None
         if b.sharded:

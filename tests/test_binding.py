@@ -476,6 +476,36 @@ def test_the_c_identity_tests_answer_like_their_python_forms():
         dict_is({}, None)
 
 
+@pytest.mark.skipif(se._ops.requires_grad_indices is None,
+                    reason="no C++ extension: the Python form is used")
+def test_requires_grad_indices_answers_like_python():
+    """_C.requires_grad_indices (the regularizer's active set when some weights are frozen):
+    the indices of the tensors that require grad, the previous tuple itself when unchanged."""
+    rgi = se._ops.requires_grad_indices
+    ps = [nn.Parameter(torch.randn(2, 2)) for _ in range(40)]
+    base = torch.randn(3, 3, requires_grad=True)
+    previous = None
+    for _ in range(50):
+        for p in ps:
+            p.requires_grad_(bool(torch.randint(0, 4, ()) > 0))
+        ts = ps + [base[:2], torch.randn(2), base.detach()]   # a non-leaf view, plain tensors
+        want = tuple(i for i, t in enumerate(ts) if t.requires_grad)
+        got = rgi(ts, previous)
+        assert got == want
+        if previous is not None and previous == want:
+            assert got is previous
+        again = rgi(ts, got)
+        assert again is got
+        assert rgi(ts, tuple(reversed(got))) == want or len(want) < 2
+        previous = got
+    with pytest.raises(TypeError, match="not a tensor"):
+        rgi([ps[0], 1], None)
+    with pytest.raises(TypeError, match="a list of tensors and a tuple or None"):
+        rgi((ps[0],), None)
+    with pytest.raises(TypeError, match="a list of tensors and a tuple or None"):
+        rgi([ps[0]], [0])
+
+
 def test_ordered_dict_children_keep_the_binding_and_the_plan():
     """A model whose _modules are OrderedDicts (pickled whole by torch < 2.0): the C test cannot
     tell (csrc/module.cpp: dict_is gives None) and Python answers, so the binding and the plan
