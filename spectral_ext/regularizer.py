@@ -622,8 +622,8 @@ class SpectralNormRegularizer(nn.Module):
         ``covered_names()`` (all names when every weight requires grad).  No host
         synchronisation.  With AMP's GradScaler, call it after ``scaler.unscale_(optimizer)``.
         Eager calls on the "cpu" and "cuda" backends run through a cached step plan
-        (``functional.make_step_plan``): the same results, bit for bit, with the input checks
-        repeated only when a tensor changed.  The plan references the weights, which makes
+        (``functional.make_step_plan``; with frozen weights, a plan of the active ones): the
+        same results, bit for bit, with the input checks repeated only when a tensor changed.  The plan references the weights, which makes
         ``torch.utils.swap_tensors`` refuse them: no plan is used while
         ``torch.__future__.set_swap_module_params_on_conversion(True)`` is set; set it before
         the first step (a plan made before is dropped by the next step)."""
