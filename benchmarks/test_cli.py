@@ -67,11 +67,10 @@ def test_step_plan_script_prints_every_column(monkeypatch, capsys, frozen):
 def test_cuda_host_path_script_prints_every_column(capsys):
     """benchmarks/cuda_host_path.py (the host-path target's measurement) through the CUDA
     emulation: the three columns for each layer count."""
-    from tests import cuda_emulation
-    reason = cuda_emulation.unavailable_reason()
+    from . import cuda_host_path       # the script's own cuda_emulation module, loaded once
+    reason = cuda_host_path.cuda_emulation.unavailable_reason()
     if reason:
-        pytest.skip(reason)
-    from . import cuda_host_path
+        pytest.skip(reason)    # the emulation needs the CUDA headers and libcudart_static.a
     cuda_host_path.main()
     text = capsys.readouterr().out
     for n in (1, 40, 512):

@@ -181,6 +181,12 @@ if CPU_ARCH == "x86-64-v3" and torch.backends.cpu.get_cpu_capability() not in ("
 else:
     try:
         from . import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL(spectral_ext, CPU/CUDA, m))
+        # an in-place build older than this package lacks what the Python side calls
+        _missing = [f for f in ("plan_step", "dict_is", "lookups_are", "requires_grad_indices")
+                    if not hasattr(_C, f)]
+        if _missing:
+            raise ImportError(f"it is older than this package (no {', '.join(_missing)}): "
+                              "rebuild it (make install, or pip install --no-build-isolation .)")
         CPU_OPENMP = bool(_C.openmp())
         if not _C.cuda_compiled():
             CUDA_KERNELS_ERROR = ("spectral_ext was built without its CUDA kernels (no nvcc at "
@@ -200,21 +206,17 @@ CpuStepPlan = torch.classes.spectral_ext.CpuStepPlan if CPU_EXTENSION_ERROR is N
 CudaStepPlan = torch.classes.spectral_ext.CudaStepPlan if CUDA_KERNELS_ERROR is None else None
 
 
-def _plan_step_method(plan, lam, n_iter):
-    return plan.step(lam, n_iter)
-
-
 #: spectral_ext._C.plan_step(plan, lam, n_iter) (csrc/plan_entry.cpp): plan.step(lam, n_iter)
-#: without the custom-class method call (3-4 us of argument handling per call); the method where
-#: the extension predates it (a stale in-place build), None without the C++ extension.
-plan_step = getattr(_C, "plan_step", _plan_step_method) if CPU_EXTENSION_ERROR is None else None
+#: without the custom-class method call (3-4 us of argument handling per call); None without the
+#: C++ extension (and then there is no plan).
+plan_step = _C.plan_step if CPU_EXTENSION_ERROR is None else None
 #: _C.dict_is(d, keys, values) and _C.lookups_are(dicts, keys, values) (csrc/module.cpp): the
-#: regularizer's per-step identity tests in C; None without them (the Python forms are used).
-dict_is = getattr(_C, "dict_is", None) if CPU_EXTENSION_ERROR is None else None
-lookups_are = getattr(_C, "lookups_are", None) if CPU_EXTENSION_ERROR is None else None
-#: _C.requires_grad_indices(tensors, previous) (csrc/plan_entry.cpp): the regularizer's active set
-requires_grad_indices = (getattr(_C, "requires_grad_indices", None)
-                         if CPU_EXTENSION_ERROR is None else None)
+#: regularizer's per-step identity tests in C; None without the extension (the Python forms).
+dict_is = _C.dict_is if CPU_EXTENSION_ERROR is None else None
+lookups_are = _C.lookups_are if CPU_EXTENSION_ERROR is None else None
+#: _C.requires_grad_indices(tensors, previous) (csrc/plan_entry.cpp): the regularizer's active
+#: set for its plan of the active weights (None without the extension: no plan either)
+requires_grad_indices = _C.requires_grad_indices if CPU_EXTENSION_ERROR is None else None
 
 
 # ---- the Triton backend (optional) --------------------------------------------------------------

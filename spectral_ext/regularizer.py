@@ -42,7 +42,6 @@ since a bfloat16 vector would lose the power iteration's precision.
 from __future__ import annotations
 
 import copy
-import itertools
 import operator
 import re
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
@@ -208,16 +207,17 @@ def _all_require_grad(params) -> bool:
     return all(map(_requires_grad, params))
 
 
-def _dict_is(d, keys, values) -> bool:
+def _dict_is(d, keys, values, in_c: bool = True) -> bool:
     """Whether d's items are, in order, keys (equal; None: not compared) -> values (the same
-    objects).  Eager only: in C (csrc/module.cpp, 1-2 ns per item; the Python form costs 5 us
-    for 512 items) where the extension has it and d is a plain dict."""
-    if _ops.dict_is is not None:
+    objects).  In C (csrc/module.cpp, 1-2 ns per item; the Python form costs 5 us for 512
+    items) where the extension is there, d is a plain dict and in_c (False while Dynamo
+    traces: it cannot trace the C function)."""
+    if in_c and _ops.dict_is is not None:
         same = _ops.dict_is(d, keys, values)
         if same is not None:
             return same
     return (len(d) == len(values) and (keys is None or list(d) == keys)
-            and all(map(operator.is_, d.values(), values)))
+            and all(a is b for a, b in zip(d.values(), values)))
 
 
 class _Binding:
@@ -249,16 +249,9 @@ class _Binding:
         """No module registered since, and every module still where it was."""
         if self.generation != _GENERATION[0]:
             return False
-        if not torch.compiler.is_compiling():
-            for mod, names, children in self.tree:
-                if not _dict_is(mod._modules, names, children):
-                    return False
-            return True
-        for mod, names, children in self.tree:
-            d = mod._modules
-            if list(d) != names or list(d.values()) != children:
-                return False
-        return True
+        in_c = not torch.compiler.is_compiling()
+        return all(_dict_is(mod._modules, names, children, in_c)
+                   for mod, names, children in self.tree)
 
     def current(self) -> bool:
         if not self.modules_current():
@@ -687,10 +680,8 @@ class SpectralNormRegularizer(nn.Module):
             declined = True     # a frozen weight, or another reason (the op path knows it)
         # the indices of the active weights (b is uniform: every site a Parameter); the cached
         # tuple itself while they are the same
-        previous = st[4] if st is not None else None
-        active = (_ops.requires_grad_indices(b.params, previous)
-                  if _ops.requires_grad_indices is not None else
-                  tuple(itertools.compress(range(len(b.params)), map(_requires_grad, b.params))))
+        # (a plan exists, so the extension is there)
+        active = _ops.requires_grad_indices(b.params, st[4] if st is not None else None)
         if not active or (declined and len(active) == len(b.params)):
             return None
         key = None if len(active) == len(b.params) else active
@@ -700,9 +691,7 @@ class SpectralNormRegularizer(nn.Module):
             if sig is not None:
                 self.last_sigma.copy_(sig)
             return sig
-        sig = sig.to(self.last_sigma.dtype)      # as _record does, for the active ones
-        self.last_sigma.index_copy_(0, self._index(key), sig)
-        return sig
+        return self._record(key, key, [sig])
 
     def _step_plan(self, b: _Binding, active: Optional[Tuple[int, ...]] = None):
         """The step plan (functional.make_step_plan) of the weights of binding ``b`` (those at
@@ -717,7 +706,7 @@ class SpectralNormRegularizer(nn.Module):
         st = self._plan_state
         bufs = self.vectors._buffers
         if st is not None and st[0] is b and st[1] == self.backend and \
-                (st[4] is active or st[4] == active) and _dict_is(bufs, None, st[2]):
+                st[4] == active and _dict_is(bufs, None, st[2]):
             return st[3]
         self._plan_state = None
         if b.sharded:
